@@ -1,0 +1,44 @@
+# The two entry points of the README: `make bench` (the main job) and `make test`.
+# Both create .venv if missing, install pinned dependencies once (stamp file), build the C++
+# extension incrementally, then run. Pins: torch 2.13.0 (CPU wheel here) pins triton 3.7.1.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.deps-installed
+DEPS   := torch==2.13.0 triton==3.7.1 numpy pytest ninja setuptools wheel \
+          "transformers>=4.40" tqdm av decord
+SOURCES := $(shell find csrc -type f) setup.py
+EXT_STAMP := $(VENV)/.ext-built
+
+.PHONY: install test test-all bench clean info
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): | $(PY)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(DEPS)
+	touch $@
+
+$(EXT_STAMP): $(STAMP) $(SOURCES)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(EXT_STAMP)
+
+test: install
+	$(PY) -m pytest -q tests
+
+# Everything, including slow sweeps.
+test-all: install
+	TVR_RUNSLOW=1 $(PY) -m pytest -q tests
+
+bench: install
+	$(PY) -m benchmarks.run
+
+info: install
+	$(PY) -m tvr_kernels.info
+
+clean:
+	rm -rf build *.egg-info tvr_kernels/*.so $(EXT_STAMP)

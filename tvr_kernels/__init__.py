@@ -1,0 +1,13 @@
+"""tvr-kernels: fused kernels for CLIP-based text-video retrieval.
+
+Every op is a ``torch.library`` custom op (``torch.ops.tvr.*``) with autograd, a fake kernel
+for ``torch.compile``, a pure-PyTorch reference (:mod:`tvr_kernels.reference`), a fused C++ CPU
+kernel and a Triton kernel. ``use_backend`` forces one implementation.
+"""
+from ._backend import available_backends, use_backend, warn_if_pure_python
+from .ops.token_shift import token_shift
+
+__all__ = ["available_backends", "use_backend", "token_shift"]
+__version__ = "0.1.0"
+
+warn_if_pure_python()

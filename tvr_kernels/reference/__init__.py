@@ -1,0 +1,5 @@
+"""Pure-PyTorch references mirroring the authors' code (SPEC.md). Every fused op in
+:mod:`tvr_kernels` has the same signature as its reference here and is tested against it."""
+from .token_shift import token_shift
+
+__all__ = ["token_shift"]

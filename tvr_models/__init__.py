@@ -1,0 +1,1 @@
+"""Thin TVR model definitions on a transformers CLIP backbone (see SPEC "Models")."""
