@@ -1,0 +1,213 @@
+"""TS2-Net and UCoFiA at tiny sizes: forward/loss/backward, training lowers the loss, the
+evaluation with the fused kernels equals the one with the references, masks, and that the
+models call the tvr_kernels ops."""
+import numpy as np
+import pytest
+import torch
+
+import tvr_kernels as tk
+from tvr_models import _ops, evaluate as E
+from tvr_models.ts2net import TS2Net, tiny_ts2net
+from tvr_models.ucofia import UCoFiA, tiny_ucofia
+from tvr_models.video import load_videos, write_test_video
+
+T, L, VOCAB = 4, 32, 49408
+MAKERS = {"ts2net": tiny_ts2net, "ucofia": tiny_ucofia}
+
+
+def _texts(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(n, L, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i in range(n):
+        k = int(torch.randint(3, 12, (), generator=g))
+        ids[i, :k] = torch.randint(1, 400, (k,), generator=g)
+        ids[i, 0], ids[i, k - 1] = VOCAB - 2, VOCAB - 1
+        mask[i, :k] = 1
+    return ids, mask
+
+
+def _videos(n, seed=0, short=()):
+    g = torch.Generator().manual_seed(seed)
+    video = torch.randn(n, T, 3, 32, 32, generator=g)
+    mask = torch.ones(n, T, dtype=torch.long)
+    for i in short:
+        mask[i, 2:] = 0
+        video[i, 2:] = 0
+    return video, mask
+
+
+@pytest.mark.parametrize("name", ["ts2net", "ucofia"])
+def test_forward_loss_backward(name):
+    model = MAKERS[name](num_frames=T)
+    model.set_selection(seed=3)
+    ids, mask = _texts(3)
+    video, vmask = _videos(3, short=(1,))
+    loss = model(ids, mask, video, vmask)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    named = dict(model.named_parameters())
+    must_have_grad = ["visual_token_selector.score_predictor.out_conv.0.weight",   # via top-k backward
+                      "transformerClip.resblocks.0.attn.in_proj_weight",
+                      "clip.clip.vision_model.encoder.layers.1.self_attn.q_proj.weight",
+                      "clip.clip.text_model.encoder.layers.0.mlp.fc1.weight",
+                      "clip.clip.logit_scale"]
+    if name == "ucofia":
+        must_have_grad += ["global_mat_weight", "frame_logit_weight", "word_mat_weight", "pixel_mat_weight2",
+                           "local_mat_weight"]
+    for n in must_have_grad:
+        g = named[n].grad
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, n
+    # shapes of the evaluation path
+    model.eval()
+    with torch.no_grad():
+        tf, vf = model.encode_text(ids, mask), model.encode_video(video, vmask)
+        s = model.score(tf, vf)
+    assert s.shape == (model.granularities, 3, 3) and torch.isfinite(s).all()
+
+
+@pytest.mark.parametrize("name", ["ts2net", "ucofia"])
+def test_training_lowers_loss(name, tmp_path):
+    # 8 generated video-caption pairs, written to disk and read back by the loader
+    rng = np.random.default_rng(0)
+    ids_ = [f"v{i}" for i in range(8)]
+    for vid in ids_:
+        write_test_video(tmp_path / f"{vid}.mp4", rng.integers(0, 256, (T, 32, 64, 3), dtype=np.uint8))
+    loaded = load_videos(str(tmp_path), ids_, num_frames=T, size=32)
+    assert loaded.kept == list(range(8))
+    ids, mask = _texts(8, seed=1)
+    torch.manual_seed(0)
+    model = MAKERS[name](num_frames=T)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for step in range(30):
+        model.set_selection(seed=step)
+        loss = model(ids, mask, loaded.video, loaded.video_mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses
+
+
+@pytest.mark.parametrize("name", ["ts2net", "ucofia"])
+@pytest.mark.parametrize("mode", ["hard", "seeded"])
+def test_eval_50x50_kernels_equal_reference(name, mode):
+    torch.manual_seed(0)
+    model = MAKERS[name](num_frames=T)
+    model.set_selection(hard=(mode == "hard"), seed=None if mode == "hard" else 11)
+    ids, mask = _texts(50, seed=2)
+    video, vmask = _videos(50, seed=2, short=(3, 17))
+    bank_ids, bank_mask = _texts(20, seed=5)
+    kw = dict(text_to_video=None, bank_ids=bank_ids if name == "ucofia" else None,
+              bank_mask=bank_mask if name == "ucofia" else None, video_batch=16, chunk_size=16,
+              progress=False)
+    fused = E.evaluate(model, ids, mask, video, vmask, **kw)
+    with tk.use_backend("reference"):
+        reference = E.evaluate(model, ids, mask, video, vmask, **kw)
+    torch.testing.assert_close(fused["sim"], reference["sim"], rtol=1e-4, atol=1e-4)
+    assert fused["sim"].shape == (50, 50)
+    if mode == "hard":
+        assert fused["metrics"] == reference["metrics"]
+    # chunking does not change the result
+    unchunked = E.evaluate(model, ids, mask, video, vmask, **{**kw, "chunk_size": 1000})
+    torch.testing.assert_close(unchunked["sim"], fused["sim"], rtol=1e-5, atol=1e-5)
+
+
+def test_ts2net_mask_is_interleaved():
+    """Padded frames' selected tokens must not reach the valid frames' CLS slots."""
+    torch.manual_seed(0)
+    model = tiny_ts2net(num_frames=T).eval()
+    model.set_selection(hard=True)
+    video, vmask = _videos(2, short=(0,))               # video 0: frames 2, 3 padded
+    outs = []
+    for noise in (0.0, 5.0):
+        def hook(mod, args, out, noise=noise):
+            out = out.clone()
+            out[0, 2 * 4:] += noise                     # tokens of frames 2 and 3 (interleaved layout)
+            return out
+        h = model.visual_token_selector.register_forward_hook(hook)
+        with torch.no_grad():
+            outs.append(model.encode_video(video, vmask)["frames"])
+        h.remove()
+    torch.testing.assert_close(outs[0][0, :2], outs[1][0, :2])   # valid frames unaffected
+    assert not torch.allclose(outs[0][0, 2:], outs[1][0, 2:])    # (the noise did arrive)
+    # and the frame-weighted score ignores padded slots entirely
+    tf = model.encode_text(*_texts(2))
+    vf = {"frames": outs[0], "mask": vmask}
+    vf2 = {"frames": outs[0].clone(), "mask": vmask}
+    vf2["frames"][0, 2:] = torch.randn(2, outs[0].shape[-1])
+    torch.testing.assert_close(model.score(tf, vf), model.score(tf, vf2))
+
+
+def _isa_dense(sim, w, dim, tau=0.01):
+    # the authors' expression: sum(softmax(softmax(sim/tau) @ w / tau) * sim) along dim
+    s = sim.movedim(dim, -1)
+    return (torch.softmax(torch.softmax(s / tau, -1) @ w / tau, -1) * s).sum(-1)
+
+
+def test_ucofia_scores_match_authors_formulas():
+    torch.manual_seed(0)
+    model = tiny_ucofia(num_frames=T).eval()
+    model.set_selection(hard=True)
+    with torch.no_grad():
+        for p in ("global_mat_weight", "global_mat_weight_1", "local_mat_weight", "frame_logit_weight",
+                  "word_mat_weight", "word_mat_weight2", "pixel_mat_weight", "pixel_mat_weight2"):
+            w = getattr(model, p)
+            w.add_(0.3 * torch.randn_like(w))           # break the identity so argument order matters
+        tf = model.encode_text(*_texts(3))
+        vf = model.encode_video(*_videos(2))
+        got = model.score(tf, vf)
+        ls = model.clip.logit_scale.exp()
+        s, words, v, f, p = tf["sentence"], tf["words"], vf["video"], vf["frames"], vf["patches"]
+        vs = ls * (s @ model.global_mat_weight) @ (v @ model.global_mat_weight_1).t()
+        sf = ls * _isa_dense(torch.einsum("td,vfd->tvf", s, f), model.frame_logit_weight, -1)
+        g = torch.einsum("tld,vpd->tlvp", words @ model.local_mat_weight, p)
+        word_level = _isa_dense(g, model.word_mat_weight, 1)                 # [t, v, p]
+        a = _isa_dense(word_level, model.pixel_mat_weight2, -1)
+        frame_level = _isa_dense(g, model.pixel_mat_weight, -1)              # [t, l, v]
+        b = _isa_dense(frame_level, model.word_mat_weight2, 1)
+        want = torch.stack([vs, sf, (a + b) / 2])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_ucofia_sinkhorn_bias_per_granularity():
+    model = tiny_ucofia(num_frames=T)
+    sims = torch.randn(3, 5, 4)
+    bank = torch.randn(3, 9, 4) * 3
+    got = model.finalize(sims, bank)
+    want = sum(sims[g] + _ops.op("sinkhorn_knopp")(bank[g], 4)[1][None] for g in range(3)) / 3
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(model.finalize(sims), sims.mean(0))
+    assert not torch.allclose(got, sims.mean(0))
+
+
+def test_models_call_tvr_kernels_ops(monkeypatch):
+    """Every op the models use is looked up on tvr_kernels at call time."""
+    calls = []
+
+    def spy(name):
+        real = _ops.op(name)
+
+        def f(*a, **k):
+            calls.append(name)
+            return real(*a, **k)
+        return f
+
+    for name in ("token_shift", "perturbed_topk", "isa", "bi_isa", "sinkhorn_knopp"):
+        monkeypatch.setattr(tk, name, spy(name), raising=False)
+    model = tiny_ucofia(num_frames=T).eval()
+    ids, mask = _texts(4)
+    video, vmask = _videos(4)
+    E.evaluate(model, ids, mask, video, vmask, bank_ids=ids, bank_mask=mask, progress=False)
+    assert {"token_shift", "perturbed_topk", "isa", "bi_isa", "sinkhorn_knopp"} <= set(calls)
+
+
+def test_frame_count_and_size_errors():
+    with pytest.raises(ValueError, match="frames"):
+        video, vmask = _videos(1)
+        tiny_ts2net(num_frames=T).encode_video(video[:, :3], vmask[:, :3])
+    with pytest.raises(ValueError, match="max_positions"):
+        TS2Net(tiny_ts2net().clip, num_frames=12, max_positions=40)
+    with pytest.raises(ValueError, match="tokens"):
+        UCoFiA(tiny_ts2net().clip, num_frames=T, max_words=16, max_positions=16).encode_text(*_texts(1))
