@@ -1,0 +1,100 @@
+"""Load the authors' released TS2-Net / UCoFiA state dicts (SPEC "Official checkpoint names").
+
+Name mapping, authors -> ours:
+
+* ``clip.<OpenAI CLIP name>`` -> ``clip.clip.<transformers name>`` through
+  :func:`tvr_models.clip.convert_openai_state_dict` (q/k/v split, transposed projections;
+  the shifted layers' ``attn.net.*`` are the plain attention weights);
+* ``frame_position_embeddings.weight``, ``transformerClip.resblocks.{i}.*``,
+  ``visual_token_selector.score_predictor.{in_conv,out_conv}.*`` and UCoFiA's
+  ``*_mat_weight*`` / ``frame_logit_weight`` -> the same names (our modules use the authors'
+  names for exactly this reason);
+* a leading ``module.`` (DistributedDataParallel) is stripped.
+
+Keys the authors' models carry but never use in the forward we implement (TS2-Net's
+``text_token_selector``/``visual_prompt_encoder``, UCoFiA's ``word_logit_weight``,
+``frame_mat_weight(2)``, ``word_mat_weight_for_pixel``, CLIP's ``input_resolution``...) are
+reported as *ignored*; anything else unknown is *unexpected*. Any shape mismatch is refused
+before a single tensor is copied.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from .clip import convert_openai_state_dict
+
+IGNORED_PREFIXES = ("text_token_selector.", "visual_prompt_encoder.", "word_logit_weight",
+                    "frame_mat_weight", "word_mat_weight_for_pixel", "similarity_dense.", "cross.",
+                    "lstm_visual.")
+_CLIP_META = ("clip.input_resolution", "clip.context_length", "clip.vocab_size")
+
+
+@dataclasses.dataclass
+class LoadReport:
+    """What :func:`load_official_checkpoint` did (names are in *our* naming for ``missing``,
+    the checkpoint's for ``unexpected`` and ``ignored``)."""
+    loaded: list[str]
+    missing: list[str]
+    unexpected: list[str]
+    ignored: list[str]
+
+    def summary(self) -> str:
+        s = f"loaded {len(self.loaded)} tensors"
+        for name in ("missing", "unexpected", "ignored"):
+            keys = getattr(self, name)
+            if keys:
+                s += f"; {name} {len(keys)}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
+        return s
+
+
+def map_official_names(state_dict: dict) -> tuple[dict, list[str], list[str]]:
+    """Authors' names -> ours. Returns ``(mapped, ignored, unrecognised_clip_keys)``."""
+    sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state_dict.items()}
+    mapped, ignored, clip_sd = {}, [], {}
+    for k, v in sd.items():
+        if k in _CLIP_META or k.startswith(IGNORED_PREFIXES):
+            ignored.append(k)
+        elif k.startswith("clip."):
+            clip_sd[k[len("clip."):]] = v
+        else:
+            mapped[k] = v
+    bad_clip = []
+    if clip_sd:
+        try:
+            converted = convert_openai_state_dict(clip_sd)
+        except KeyError:
+            # keep what converts; report the rest as unexpected
+            good = {}
+            for k, v in clip_sd.items():
+                try:
+                    good.update(convert_openai_state_dict({k: v}))
+                except KeyError:
+                    bad_clip.append("clip." + k)
+            converted = good
+        mapped.update({"clip.clip." + k: v for k, v in converted.items()})
+    return mapped, ignored, bad_clip
+
+
+def load_official_checkpoint(model: nn.Module, state_dict: dict, strict: bool = False) -> LoadReport:
+    """Copy an authors' state dict into ``model`` (a TS2Net or UCoFiA).
+
+    Raises ``ValueError`` listing every shape mismatch (nothing is copied then); with
+    ``strict=True`` also on missing or unexpected keys. Returns a :class:`LoadReport`."""
+    mapped, ignored, unexpected = map_official_names(state_dict)
+    own = model.state_dict()
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in mapped.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if mismatched:
+        raise ValueError("checkpoint does not fit the model (shape mismatch):\n  " + "\n  ".join(mismatched))
+    unexpected += [k for k in mapped if k not in own]
+    missing = [k for k in own if k not in mapped]
+    if strict and (missing or unexpected):
+        raise ValueError(f"strict load: missing {missing}, unexpected {unexpected}")
+    loaded = [k for k in mapped if k in own]
+    with torch.no_grad():
+        for k in loaded:
+            own[k].copy_(mapped[k])
+    return LoadReport(loaded, missing, unexpected, ignored)
