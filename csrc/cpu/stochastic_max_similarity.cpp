@@ -38,11 +38,12 @@ int parse_prior(c10::string_view prior) {
 
 struct Dims {
   int64_t Nt, Nv, T, D, M, Q;
+  int64_t i0, j0;  // global index of text 0 / video 0: the noise is keyed by (i0 + i, j0 + j)
 };
 
 Dims check_dims(const at::Tensor& text, const at::Tensor& frames, const at::Tensor& pooled,
                 const at::Tensor& w, const at::Tensor& b, int64_t M,
-                const c10::optional<at::Tensor>& noise) {
+                const c10::optional<at::Tensor>& noise, int64_t i0, int64_t j0) {
   TORCH_CHECK(text.dim() == 2 && frames.dim() == 3 && pooled.dim() == 3 && w.dim() == 2 && b.dim() == 1,
               "stochastic_max_similarity: expected text [Nt, D], frames [Nv, T, D], pooled [Nv, Nt, D], "
               "radius_weight [D, T], radius_bias [D]");
@@ -56,9 +57,10 @@ Dims check_dims(const at::Tensor& text, const at::Tensor& frames, const at::Tens
                     noise->size(3) == D,
                 "stochastic_max_similarity: noise must be [Nt, Nv, M, D]");
   }
-  TORCH_CHECK(Nt < (int64_t(1) << 32) && Nv < (int64_t(1) << 32) && M < (int64_t(1) << 32),
-              "stochastic_max_similarity: Nt, Nv, M must fit the 32-bit Philox counter words");
-  return {Nt, Nv, T, D, M, (D + 3) / 4};
+  TORCH_CHECK(i0 >= 0 && j0 >= 0 && i0 + Nt <= (int64_t(1) << 32) && j0 + Nv <= (int64_t(1) << 32) &&
+                  M <= (int64_t(1) << 32),
+              "stochastic_max_similarity: global indices and M must fit the 32-bit Philox counter words");
+  return {Nt, Nv, T, D, M, (D + 3) / 4, i0, j0};
 }
 
 // exp of float32 that vectorises (glibc's expf does not without -ffast-math): range reduction
@@ -216,8 +218,8 @@ int64_t generic_samples(const Dims& g, Scratch<acc_t>& sc, int prior, float stdf
     } else {
       for (int64_t q = 0; q < Q; ++q) {
         float e[4];
-        tmass_noise4(static_cast<uint32_t>(q), static_cast<uint32_t>(m), static_cast<uint32_t>(j),
-                     static_cast<uint32_t>(i), key, prior, stdf, e);
+        tmass_noise4(static_cast<uint32_t>(q), static_cast<uint32_t>(m), static_cast<uint32_t>(g.j0 + j),
+                     static_cast<uint32_t>(g.i0 + i), key, prior, stdf, e);
         for (int l = 0; l < 4; ++l) E[l * Q + q] = acc_t(e[l]);
       }
     }
@@ -283,7 +285,8 @@ void fwd_impl(const Dims& g, const at::Tensor& text, const at::Tensor& frames, c
       const acc_t tt = t_sq[i];
       if constexpr (std::is_same<acc_t, float>::value) {
         if (fast) {
-          const Best bst = uniform_samples_f32(sc.A.data(), sc.B.data(), sc.C.data(), Q, g.M, static_cast<uint32_t>(j), static_cast<uint32_t>(i),
+          const Best bst = uniform_samples_f32(sc.A.data(), sc.B.data(), sc.C.data(), Q, g.M, static_cast<uint32_t>(g.j0 + j),
+                                               static_cast<uint32_t>(g.i0 + i),
                                                key, tp, tt, std::sqrt(pp));
           out[i * g.Nv + j] = static_cast<scalar_t>(bst.c);
           arg[i * g.Nv + j] = bst.m;
@@ -306,8 +309,9 @@ std::tuple<at::Tensor, at::Tensor> smsim_fwd_cpu(const at::Tensor& text_in, cons
                                                  const at::Tensor& pooled_in, const at::Tensor& w_in,
                                                  const at::Tensor& b_in, int64_t num_samples,
                                                  c10::string_view prior_s, double std_, int64_t seed,
-                                                 const c10::optional<at::Tensor>& noise_in) {
-  const Dims g = check_dims(text_in, frames_in, pooled_in, w_in, b_in, num_samples, noise_in);
+                                                 const c10::optional<at::Tensor>& noise_in, int64_t i0,
+                                                 int64_t j0) {
+  const Dims g = check_dims(text_in, frames_in, pooled_in, w_in, b_in, num_samples, noise_in, i0, j0);
   const int prior = parse_prior(prior_s);
   // Half / bfloat16 compute in float32 (their values are exact in it) and round once.
   const at::ScalarType ct = compute_type(text_in.scalar_type());
@@ -395,8 +399,8 @@ void bwd_impl(const Dims& g, const at::Tensor& grad, const at::Tensor& text, con
         } else {
           for (int64_t q = 0; q < g.Q; ++q) {
             float e[4];
-            tmass_noise4(static_cast<uint32_t>(q), static_cast<uint32_t>(m), static_cast<uint32_t>(j),
-                         static_cast<uint32_t>(i), key, prior, stdf, e);
+            tmass_noise4(static_cast<uint32_t>(q), static_cast<uint32_t>(m), static_cast<uint32_t>(g.j0 + j),
+                         static_cast<uint32_t>(g.i0 + i), key, prior, stdf, e);
             for (int l = 0; l < 4; ++l) eps[l * g.Q + q] = acc_t(e[l]);
           }
         }
@@ -444,8 +448,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> smsim_bwd
     const at::Tensor& grad_in, const at::Tensor& text_in, const at::Tensor& frames_in,
     const at::Tensor& pooled_in, const at::Tensor& w_in, const at::Tensor& b_in, const at::Tensor& best_in,
     int64_t num_samples, c10::string_view prior_s, double std_, int64_t seed,
-    const c10::optional<at::Tensor>& noise_in) {
-  const Dims g = check_dims(text_in, frames_in, pooled_in, w_in, b_in, num_samples, noise_in);
+    const c10::optional<at::Tensor>& noise_in, int64_t i0, int64_t j0) {
+  const Dims g = check_dims(text_in, frames_in, pooled_in, w_in, b_in, num_samples, noise_in, i0, j0);
   TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == g.Nt && grad_in.size(1) == g.Nv &&
                   best_in.dim() == 2 && best_in.size(0) == g.Nt && best_in.size(1) == g.Nv &&
                   best_in.scalar_type() == at::kLong,
@@ -491,11 +495,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> smsim_bwd
 TORCH_LIBRARY_FRAGMENT(tvr_C, m) {
   m.def(
       "stochastic_max_similarity_fwd(Tensor text, Tensor frames, Tensor pooled, Tensor radius_weight, "
-      "Tensor radius_bias, int num_samples, str prior, float std, int seed, Tensor? noise) -> (Tensor, Tensor)");
+      "Tensor radius_bias, int num_samples, str prior, float std, int seed, Tensor? noise, int text_offset, int video_offset) -> (Tensor, Tensor)");
   m.def(
       "stochastic_max_similarity_bwd(Tensor grad, Tensor text, Tensor frames, Tensor pooled, "
       "Tensor radius_weight, Tensor radius_bias, Tensor best, int num_samples, str prior, float std, "
-      "int seed, Tensor? noise) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "int seed, Tensor? noise, int text_offset, int video_offset) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(tvr_C, CPU, m) {

@@ -27,7 +27,7 @@ from .. import _philox, _validate
 PRIORS = ("uniform", "normal")
 
 # Mixed into the Philox key so that this op's stream differs from other ops' streams for the
-# same user seed (the four counter words are all taken by (d // 4, m, j, i)). Every backend
+# same user seed (the four counter words are all taken by (q, m, j, i)). Every backend
 # applies the same XOR: csrc/include/tvr/stochastic_max_similarity.h, triton kernel.
 STREAM_KEY = 0x544D415353  # "TMASS"
 
@@ -41,7 +41,8 @@ def philox_key(seed: int) -> int:
 
 
 def check_stochastic_max_similarity_args(text, frames, pooled, radius_weight, radius_bias,
-                                         num_samples, prior, std, seed, noise) -> None:
+                                         num_samples, prior, std, seed, noise,
+                                         pair_offset=(0, 0)) -> None:
     """Shape/type checks (shapes and Python numbers only, so it traces under compile)."""
     _validate.tensor("text", text, ndim=2, shape_doc="[Nt, D]")
     _validate.tensor("frames", frames, ndim=3, shape_doc="[Nv, T, D]")
@@ -52,11 +53,18 @@ def check_stochastic_max_similarity_args(text, frames, pooled, radius_weight, ra
     _validate.choice("prior", prior, PRIORS)
     _validate.positive_finite("std", std)
     _validate.seed("seed", seed)
+    if not isinstance(pair_offset, (tuple, list)) or len(pair_offset) != 2:
+        raise TypeError(f"pair_offset must be a pair (text_offset, video_offset), got {pair_offset!r}")
+    _validate.integer("pair_offset[0]", pair_offset[0], min_value=0)
+    _validate.integer("pair_offset[1]", pair_offset[1], min_value=0)
     Nt, D = text.shape
     Nv, T, Df = frames.shape
     if Df != D:
         raise ValueError(f"frames is [Nv, T, D] = {tuple(frames.shape)} but text is [Nt, D] = "
                          f"{tuple(text.shape)}: D must agree (frames.shape[2] = {Df}, D = {D})")
+    if pair_offset[0] + Nt > 2 ** 32 or pair_offset[1] + Nv > 2 ** 32 or num_samples > 2 ** 32:
+        raise ValueError("global text/video indices and num_samples must be < 2**32 (they are "
+                         "32-bit Philox counter words)")
     if tuple(pooled.shape) != (Nv, Nt, D):
         raise ValueError(f"pooled must be [Nv, Nt, D] = {(Nv, Nt, D)} (Nv from frames, Nt and D "
                          f"from text), got {tuple(pooled.shape)}")
@@ -81,31 +89,42 @@ def check_stochastic_max_similarity_args(text, frames, pooled, radius_weight, ra
     _validate.same_device(**tensors)
 
 
-def philox_noise(seed: int, rows: torch.Tensor, cols: torch.Tensor, num_samples: int, dim: int,
-                 prior: str, std: float, device=None) -> torch.Tensor:
-    """The prior samples of pairs ``(rows[a], cols[b])``: float32 ``[len(rows), len(cols), M, D]``.
+def noise_at(seed: int, i: torch.Tensor, j: torch.Tensor, m: torch.Tensor, dim: int, prior: str,
+             std: float) -> torch.Tensor:
+    """Prior samples ``eps[i, j, m]`` for broadcastable integer tensors ``i``, ``j``, ``m``:
+    float32 of shape ``broadcast(i, j, m) + [D]``.
 
     Keying (shared by every backend): Philox4x32-10 with key ``seed ^ STREAM_KEY`` and counter
     ``(q, m, j, i)`` for ``q < Q = ceil(D / 4)``; output word ``l`` of counter ``q`` is element
     ``d = l * Q + q`` (the four words fill four contiguous quarters of the vector, so kernels
     read and write every per-element array contiguously). Uniform: ``unit_float``
-    (``U[0, 1)``, the authors' ``torch.rand``). Normal: Box-Muller on words (0, 1) -> elements
-    (4q, 4q+1) and words (2, 3) -> (4q+2, 4q+3), times ``std`` in float32.
+    (``U[0, 1)``, the authors' ``torch.rand``). Normal: Box-Muller on words (0, 1) and (2, 3),
+    times ``std`` in float32.
     """
-    q = torch.arange((dim + 3) // 4, dtype=torch.int64, device=device)
-    m = torch.arange(num_samples, dtype=torch.int64, device=device)
-    r = rows.to(torch.int64)
-    c = cols.to(torch.int64)
-    w = _philox.philox4x32_10(q[None, None, None, :], m[None, None, :, None],
-                              c[None, :, None, None], r[:, None, None, None], philox_key(seed))
+    i, j, m = torch.broadcast_tensors(*(torch.as_tensor(x, dtype=torch.int64) for x in (i, j, m)))
+    q = torch.arange((dim + 3) // 4, dtype=torch.int64, device=i.device)
+    w = _philox.philox4x32_10(q, m[..., None], j[..., None], i[..., None], philox_key(seed))
     if prior == "uniform":
         vals = [_philox.unit_float(x) for x in w]
     else:
         z0, z1 = _philox.box_muller(w[0], w[1])
         z2, z3 = _philox.box_muller(w[2], w[3])
         vals = [z * float(std) for z in (z0, z1, z2, z3)]
-    eps = torch.stack(vals, dim=-2).flatten(-2)  # [.., 4, Q] -> element l * Q + q
+    eps = torch.stack(vals, dim=-2).flatten(-2)  # [..., 4, Q] -> element l * Q + q
     return eps[..., :dim]
+
+
+def philox_noise(seed: int, rows: torch.Tensor, cols: torch.Tensor, num_samples: int, dim: int,
+                 prior: str, std: float) -> torch.Tensor:
+    """Every sample of pairs ``(rows[a], cols[b])``: float32 ``[len(rows), len(cols), M, D]``
+    (see :func:`noise_at` for the keying)."""
+    m = torch.arange(num_samples, dtype=torch.int64, device=rows.device)
+    return noise_at(seed, rows[:, None, None], cols[None, :, None], m[None, None, :], dim, prior, std)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half and bfloat16 compute in float32 (as the kernels do); float32/64 in themselves."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _cos_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -123,16 +142,17 @@ def radius(text: torch.Tensor, frames: torch.Tensor, radius_weight: torch.Tensor
     return torch.exp(F.linear(S, radius_weight, radius_bias))
 
 
-def _noise_block(noise, seed, i0, i1, Nv, M, D, prior, std, dtype, device):
+def _noise_block(noise, seed, i0, i1, Nv, M, D, prior, std, dtype, device, pair_offset):
     if noise is not None:
         return noise[i0:i1]
-    rows = torch.arange(i0, i1, device=device)
-    cols = torch.arange(Nv, device=device)
-    return philox_noise(seed, rows, cols, M, D, prior, std, device).to(dtype)
+    rows = torch.arange(i0, i1, device=device) + pair_offset[0]
+    cols = torch.arange(Nv, device=device) + pair_offset[1]
+    return philox_noise(seed, rows, cols, M, D, prior, std).to(dtype)
 
 
 def stochastic_max_similarity(text, frames, pooled, radius_weight, radius_bias, num_samples=20,
-                              *, prior="uniform", std=1.0, seed=None, noise=None):
+                              *, prior="uniform", std=1.0, seed=None, noise=None,
+                              pair_offset=(0, 0)):
     """Best-of-``M`` stochastic-text similarity of every text with every video (T-MASS).
 
     Args:
@@ -145,14 +165,22 @@ def stochastic_max_similarity(text, frames, pooled, radius_weight, radius_bias, 
         std: standard deviation of the normal prior (> 0; unused for uniform).
         seed: Philox seed (``None``: drawn from torch's generator). Ignored when ``noise`` is given.
         noise: optional ``[Nt, Nv, M, D]`` prior samples used as is.
+        pair_offset: ``(i0, j0)``, the global index of this call's first text and first video:
+            the noise of local pair ``(i, j)`` is keyed by ``(i0 + i, j0 + j)``, so scoring a
+            gallery in chunks draws exactly the noise of one call over everything.
 
     Returns:
         ``(sims, best)``: ``[Nt, Nv]`` in the input dtype and ``[Nt, Nv]`` int64 (first argmax).
     """
     check_stochastic_max_similarity_args(text, frames, pooled, radius_weight, radius_bias,
-                                         num_samples, prior, std, seed, noise)
+                                         num_samples, prior, std, seed, noise, pair_offset)
     if noise is None and seed is None:
         seed = _philox.draw_seed()
+    out_dtype = text.dtype
+    ct = _compute_dtype(out_dtype)
+    text, frames, pooled = text.to(ct), frames.to(ct), pooled.to(ct)
+    radius_weight, radius_bias = radius_weight.to(ct), radius_bias.to(ct)
+    noise = None if noise is None else noise.to(ct)
     Nt, D = text.shape
     Nv = frames.shape[0]
     M = num_samples
@@ -161,7 +189,8 @@ def stochastic_max_similarity(text, frames, pooled, radius_weight, radius_bias, 
     for i0 in range(0, Nt, step):
         i1 = min(Nt, i0 + step)
         R = radius(text[i0:i1], frames, radius_weight, radius_bias)            # [c, Nv, D]
-        eps = _noise_block(noise, seed, i0, i1, Nv, M, D, prior, std, text.dtype, text.device)
+        eps = _noise_block(noise, seed, i0, i1, Nv, M, D, prior, std, text.dtype, text.device,
+                           pair_offset)
         t = text[i0:i1, None, None, :] + eps * R[:, :, None, :]                # [c, Nv, M, D]
         p = pooled[:, i0:i1].transpose(0, 1)[:, :, None, :]                    # [c, Nv, 1, D]
         c = _cos_rows(t, p)                                                    # [c, Nv, M]
@@ -169,12 +198,40 @@ def stochastic_max_similarity(text, frames, pooled, radius_weight, radius_bias, 
         sims.append(s)
         best.append(b)
     if Nt == 0:
-        return text.new_zeros(0, Nv), torch.zeros(0, Nv, dtype=torch.int64, device=text.device)
-    return torch.cat(sims), torch.cat(best)
+        return text.new_zeros(0, Nv, dtype=out_dtype), torch.zeros(0, Nv, dtype=torch.int64,
+                                                                    device=text.device)
+    return torch.cat(sims).to(out_dtype), torch.cat(best)
+
+
+def selected_similarity(text, frames, pooled, radius_weight, radius_bias, best, *,
+                        prior="uniform", std=1.0, seed=0, noise=None, pair_offset=(0, 0)):
+    """``cos(text_i + eps[i, j, best[i, j]] * R_ij, pooled[j, i])``: ``[Nt, Nv]``.
+
+    The value of ``sims`` as a function of the five tensor inputs once ``best`` is fixed; its
+    autograd is the reference backward of :func:`stochastic_max_similarity` (the max is
+    differentiable almost everywhere, through the selected sample). Materialises
+    ``[Nt, Nv, D]``: for tests and small inputs.
+    """
+    out_dtype = text.dtype
+    ct = _compute_dtype(out_dtype)
+    text, frames, pooled = text.to(ct), frames.to(ct), pooled.to(ct)
+    radius_weight, radius_bias = radius_weight.to(ct), radius_bias.to(ct)
+    Nt, D = text.shape
+    Nv = frames.shape[0]
+    if noise is not None:
+        idx = best[:, :, None, None].expand(Nt, Nv, 1, D)
+        eps = noise.to(ct).gather(2, idx)[:, :, 0]
+    else:
+        ii = torch.arange(Nt, device=text.device)[:, None] + pair_offset[0]
+        jj = torch.arange(Nv, device=text.device)[None, :] + pair_offset[1]
+        eps = noise_at(seed, ii, jj, best, D, prior, std).to(ct)
+    t = text[:, None, :] + eps * radius(text, frames, radius_weight, radius_bias)
+    return _cos_rows(t, pooled.transpose(0, 1)).to(out_dtype)
 
 
 def stochastic_text_embedding(text, frames, radius_weight, radius_bias, best, pairs=None, *,
-                              prior="uniform", std=1.0, seed=None, noise=None):
+                              prior="uniform", std=1.0, seed=None, noise=None,
+                              pair_offset=(0, 0)):
     """The selected stochastic text ``t_best = text_i + eps_best * R_ij`` of given pairs.
 
     Args:
@@ -182,8 +239,8 @@ def stochastic_text_embedding(text, frames, radius_weight, radius_bias, best, pa
             as passed to :func:`stochastic_max_similarity`.
         best: ``[Nt, Nv]`` int64, the ``best`` it returned.
         pairs: ``[P, 2]`` integer ``(i, j)`` rows, or ``None`` for every pair.
-        prior, std, seed, noise: as passed to :func:`stochastic_max_similarity` (``seed`` is
-            required when ``noise`` is None: the noise is recomputed from it).
+        prior, std, seed, noise, pair_offset: as passed to :func:`stochastic_max_similarity`
+            (``seed`` is required when ``noise`` is None: the noise is recomputed from it).
 
     Returns:
         ``[P, D]`` (or ``[Nt, Nv, D]`` when ``pairs`` is None) in ``text``'s dtype; its cosine
@@ -199,7 +256,7 @@ def stochastic_text_embedding(text, frames, radius_weight, radius_bias, best, pa
     # pooled is not needed here: a broadcast stand-in of the right shape passes its checks.
     stand_in = text.new_empty(()).expand(Nv, Nt, D)
     check_stochastic_max_similarity_args(text, frames, stand_in, radius_weight, radius_bias,
-                                         M, prior, std, seed, noise)
+                                         M, prior, std, seed, noise, pair_offset)
     if noise is not None and best.numel() and int(best.max()) >= M:
         raise ValueError(f"best holds sample index {int(best.max())} but noise has M = {M}")
     if noise is None and seed is None:
@@ -215,32 +272,20 @@ def stochastic_text_embedding(text, frames, radius_weight, radius_bias, best, pa
             raise ValueError("pairs must be an integer tensor [P, 2] of (text, video) indices")
         ii, jj = pairs[:, 0].long(), pairs[:, 1].long()
     m = best[ii, jj]
+    out_dtype = text.dtype
+    ct = _compute_dtype(out_dtype)
+    text, frames = text.to(ct), frames.to(ct)
+    radius_weight, radius_bias = radius_weight.to(ct), radius_bias.to(ct)
     tn = text[ii] / text[ii].norm(dim=-1, keepdim=True)
     fn = frames[jj] / frames[jj].norm(dim=-1, keepdim=True)
     S = torch.einsum("pd,pkd->pk", tn, fn)
     R = torch.exp(F.linear(S, radius_weight, radius_bias))
     if noise is not None:
-        eps = noise[ii, jj, m]
-    elif ii.numel():
-        eps = torch.stack([_one_pair_noise(seed, int(a), int(b), int(c), D, prior, std, text.device)
-                           for a, b, c in zip(ii.tolist(), jj.tolist(), m.tolist())]).to(text.dtype)
+        eps = noise[ii, jj, m].to(ct)
     else:
-        eps = text.new_zeros(0, D)
-    out = text[ii] + eps * R
+        eps = noise_at(seed, ii + pair_offset[0], jj + pair_offset[1], m, D, prior, std).to(ct)
+    out = (text[ii] + eps * R).to(out_dtype)
     return out.reshape(Nt, Nv, D) if full else out
-
-
-def _one_pair_noise(seed, i, j, m, D, prior, std, device):
-    """Sample ``m`` of pair ``(i, j)``: float32 ``[D]`` (the same bits as :func:`philox_noise`)."""
-    q = torch.arange((D + 3) // 4, dtype=torch.int64, device=device)
-    w = _philox.philox4x32_10(q, m, j, i, philox_key(seed))
-    if prior == "uniform":
-        vals = [_philox.unit_float(x) for x in w]
-    else:
-        z0, z1 = _philox.box_muller(w[0], w[1])
-        z2, z3 = _philox.box_muller(w[2], w[3])
-        vals = [z * float(std) for z in (z0, z1, z2, z3)]
-    return torch.stack(vals, dim=0).flatten()[:D]  # [4, Q] -> element l * Q + q
 
 
 def authors_stochastic_text(text, frames, radius_weight, radius_bias, eps):
