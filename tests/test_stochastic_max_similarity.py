@@ -1,0 +1,352 @@
+"""stochastic_max_similarity (SPEC 5): every backend against the reference, with injected and
+with seeded noise; chunking invariance; gradients; the authors' radius module; bad inputs."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tvr_kernels as tk
+from tvr_kernels.reference import stochastic_max_similarity as ref_smsim
+from tvr_kernels.reference.stochastic_max_similarity import (authors_stochastic_text, noise_at,
+                                                             philox_noise, radius)
+
+from conftest import fused_backends
+from helpers import TOL, close, randn
+
+# (Nt, Nv, T, D, M): odd sizes, T = 1, M = 1, D not a multiple of 4, the paper's T = 12.
+SHAPES = [(3, 5, 12, 7, 6), (4, 3, 1, 16, 1), (2, 2, 12, 33, 20), (5, 4, 3, 64, 4), (1, 1, 2, 5, 3)]
+
+
+def _inputs(Nt, Nv, T, D, dtype=torch.float32, requires_grad=False):
+    # Radius weights small enough that R stays O(1) (as the authors' identity init does).
+    return dict(text=randn(Nt, D, dtype=dtype, requires_grad=requires_grad),
+                frames=randn(Nv, T, D, dtype=dtype, requires_grad=requires_grad),
+                pooled=randn(Nv, Nt, D, dtype=dtype, requires_grad=requires_grad),
+                radius_weight=randn(D, T, dtype=dtype, requires_grad=requires_grad, scale=0.3),
+                radius_bias=randn(D, dtype=dtype, requires_grad=requires_grad, scale=0.3))
+
+
+def _all_cosines(inp, noise):
+    """c_m of every pair and sample, straight from the definition: [Nt, Nv, M] (float64)."""
+    x = {k: v.detach().double() for k, v in inp.items()}
+    R = radius(x["text"], x["frames"], x["radius_weight"], x["radius_bias"])
+    t = x["text"][:, None, None, :] + noise.double() * R[:, :, None, :]
+    return F.cosine_similarity(t, x["pooled"].transpose(0, 1)[:, :, None, :], dim=-1)
+
+
+def _check_best(best, best_ref, cos, margin=1e-4):
+    """Exact argmax wherever the top two samples are separated by more than ``margin``."""
+    M = cos.shape[-1]
+    if M == 1:
+        assert torch.equal(best, torch.zeros_like(best))
+        return
+    top2 = cos.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > margin
+    assert clear.float().mean() > 0.5, "test inputs should mostly have clear winners"
+    assert torch.equal(best[clear], best_ref[clear])
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_injected_noise_matches_reference(shape, dtype):
+    Nt, Nv, T, D, M = shape
+    inp = _inputs(Nt, Nv, T, D, dtype)
+    noise = torch.rand(Nt, Nv, M, D, dtype=dtype)
+    s_ref, b_ref = ref_smsim(**inp, num_samples=M, noise=noise)
+    cos = _all_cosines(inp, noise)
+    close(s_ref, cos.max(-1).values.to(dtype), dtype)  # the reference is the definition
+    for backend in fused_backends("cpu", ("cpp",)):
+        with tk.use_backend(backend):
+            s, b = tk.stochastic_max_similarity(**inp, num_samples=M, noise=noise)
+        assert s.dtype == dtype and b.dtype == torch.int64 and s.shape == (Nt, Nv)
+        close(s, s_ref, dtype)
+        _check_best(b, b_ref, cos)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("prior", ["uniform", "normal"])
+def test_seeded_matches_reference(shape, prior):
+    Nt, Nv, T, D, M = shape
+    inp = _inputs(Nt, Nv, T, D)
+    s_ref, b_ref = ref_smsim(**inp, num_samples=M, prior=prior, std=0.7, seed=1234)
+    noise = philox_noise(1234, torch.arange(Nt), torch.arange(Nv), M, D, prior, 0.7)
+    # The seeded reference is the injected-noise reference on its own Philox draws.
+    s_inj, b_inj = ref_smsim(**inp, num_samples=M, noise=noise)
+    assert torch.equal(s_ref, s_inj) and torch.equal(b_ref, b_inj)
+    for backend in fused_backends("cpu", ("cpp",)):
+        with tk.use_backend(backend):
+            s, b = tk.stochastic_max_similarity(**inp, num_samples=M, prior=prior, std=0.7, seed=1234)
+        close(s, s_ref)
+        _check_best(b, b_ref, _all_cosines(inp, noise))
+
+
+def test_float64_seeded():
+    inp = _inputs(3, 4, 5, 9, torch.float64)
+    for prior in ("uniform", "normal"):
+        s_ref, b_ref = ref_smsim(**inp, num_samples=5, prior=prior, seed=7)
+        with tk.use_backend("cpp"):
+            s, b = tk.stochastic_max_similarity(**inp, num_samples=5, prior=prior, seed=7)
+        # Uniforms are exact on every backend; Box-Muller's log/cos/sin may round differently
+        # in float32 (libm vs torch), so the normal prior is compared at float32 precision.
+        close(s, s_ref, torch.float64 if prior == "uniform" else torch.float32)
+        assert torch.equal(b, b_ref)
+
+
+def test_half_and_bf16_compute_in_float32():
+    inp32 = _inputs(3, 4, 12, 16)
+    for dtype in (torch.float16, torch.bfloat16):
+        inp = {k: v.to(dtype) for k, v in inp32.items()}
+        s_ref, _ = ref_smsim(**inp, num_samples=4, seed=3)
+        with tk.use_backend("cpp"):
+            s, _ = tk.stochastic_max_similarity(**inp, num_samples=4, seed=3)
+        assert s.dtype == dtype
+        close(s, s_ref, dtype)
+
+
+def test_noise_keying_and_priors():
+    """Uniform draws lie in [0, 1); normal draws scale with std; the noise of a pair does not
+    depend on which other pairs are drawn with it."""
+    u = philox_noise(5, torch.arange(6), torch.arange(7), 8, 40, "uniform", 1.0)
+    assert u.min() >= 0 and u.max() < 1 and abs(u.mean() - 0.5) < 0.02
+    n = philox_noise(5, torch.arange(6), torch.arange(7), 8, 40, "normal", 2.5)
+    assert abs(n.std() - 2.5) < 0.1 and abs(n.mean()) < 0.1
+    sub = noise_at(5, torch.tensor(4), torch.tensor(2), torch.tensor(6), 40, "uniform", 1.0)
+    assert torch.equal(sub, u[4, 2, 6])
+    assert not torch.equal(u[0, 0, 0], u[0, 0, 1]) and not torch.equal(u[0, 0, 0], u[0, 1, 0])
+
+
+def test_reproducible_and_seed_sensitive():
+    inp = _inputs(4, 5, 12, 32)
+    with tk.use_backend("cpp"):
+        a = tk.stochastic_max_similarity(**inp, num_samples=8, seed=11)
+        b = tk.stochastic_max_similarity(**inp, num_samples=8, seed=11)
+        c = tk.stochastic_max_similarity(**inp, num_samples=8, seed=12)
+        torch.manual_seed(3)
+        d = tk.stochastic_max_similarity(**inp, num_samples=8)
+        torch.manual_seed(3)
+        e = tk.stochastic_max_similarity(**inp, num_samples=8)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+    assert torch.equal(d[0], e[0]), "seed=None follows torch.manual_seed"
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_chunking_invariant(backend):
+    """Scoring sub-blocks of texts and videos with their pair_offset reproduces the entries of
+    one call over everything (the noise depends on the pair, not the launch): bit for bit for
+    the kernel, which computes each pair alone; to rounding for the reference, whose batched
+    matmuls round differently at other shapes."""
+    Nt, Nv, M = 7, 6, 5
+    inp = _inputs(Nt, Nv, 12, 24)
+    with tk.use_backend(backend):
+        s, b = tk.stochastic_max_similarity(**inp, num_samples=M, seed=99)
+        for (i0, i1, j0, j1) in [(2, 5, 1, 4), (0, 7, 3, 6), (6, 7, 0, 1)]:
+            sub = dict(text=inp["text"][i0:i1], frames=inp["frames"][j0:j1],
+                       pooled=inp["pooled"][j0:j1, i0:i1], radius_weight=inp["radius_weight"],
+                       radius_bias=inp["radius_bias"])
+            sc, bc = tk.stochastic_max_similarity(**sub, num_samples=M, seed=99, pair_offset=(i0, j0))
+            if backend == "reference":
+                close(sc, s[i0:i1, j0:j1])
+            else:
+                assert torch.equal(sc, s[i0:i1, j0:j1])
+            assert torch.equal(bc, b[i0:i1, j0:j1])
+            # Without the offset the chunk draws other noise: the offset is what makes it agree.
+            sw, _ = tk.stochastic_max_similarity(**sub, num_samples=M, seed=99)
+            assert i0 == j0 == 0 or not torch.equal(sw, s[i0:i1, j0:j1])
+
+
+@pytest.mark.parametrize("prior", ["uniform", "normal"])
+@pytest.mark.parametrize("source", ["seed", "noise"])
+def test_gradients_match_reference(prior, source):
+    Nt, Nv, T, D, M = 3, 4, 12, 10, 5
+    inp = _inputs(Nt, Nv, T, D, torch.float64, requires_grad=True)
+    kw = dict(num_samples=M, prior=prior, std=0.5)
+    if source == "noise":
+        kw["noise"] = torch.randn(Nt, Nv, M, D, dtype=torch.float64)
+    else:
+        kw["seed"] = 21
+    g = torch.randn(Nt, Nv, dtype=torch.float64)
+    s_ref, b_ref = ref_smsim(**inp, **kw)
+    want = torch.autograd.grad(s_ref, list(inp.values()), g)
+    for backend in ["reference", *fused_backends("cpu")]:
+        with tk.use_backend(backend):
+            s, b = tk.stochastic_max_similarity(**inp, **kw)
+        got = torch.autograd.grad(s, list(inp.values()), g)
+        assert torch.equal(b, b_ref)
+        tol = torch.float64 if (prior == "uniform" or source == "noise") else torch.float32
+        for name, x, y in zip(inp, got, want):
+            torch.testing.assert_close(x, y, **TOL[tol], msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_gradcheck_selected_sample():
+    """The op's gradient is the derivative of the selected sample (best held fixed)."""
+    inp = _inputs(2, 3, 4, 6, torch.float64, requires_grad=True)
+    with tk.use_backend("cpp"):
+        s, best = tk.stochastic_max_similarity(**inp, num_samples=4, seed=5)
+
+    def f(*xs):
+        with tk.use_backend("cpp"):
+            return tk.stochastic_max_similarity(*xs, 4, seed=5)[0]
+    # Perturbations of gradcheck's size do not change the argmax at these margins.
+    assert torch.autograd.gradcheck(f, tuple(inp.values()), eps=1e-7, atol=1e-6)
+
+
+def test_gradient_float32_cpp():
+    inp = _inputs(4, 5, 12, 32, requires_grad=True)
+    g = torch.randn(4, 5)
+    s_ref, _ = ref_smsim(**inp, num_samples=6, seed=8)
+    want = torch.autograd.grad(s_ref, list(inp.values()), g)
+    with tk.use_backend("cpp"):
+        s, _ = tk.stochastic_max_similarity(**inp, num_samples=6, seed=8)
+    got = torch.autograd.grad(s, list(inp.values()), g)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_triton_matches_reference():
+    if "triton" not in fused_backends("cpu", ("triton",)):
+        pytest.skip("triton unavailable")
+    # Interpreted: ~0.2 s per program here, so few pairs.
+    Nt, Nv, T, D, M = 2, 3, 3, 7, 3
+    inp = _inputs(Nt, Nv, T, D, requires_grad=True)
+    noise = torch.randn(Nt, Nv, M, D)
+    with tk.use_backend("triton"):
+        s, b = tk.stochastic_max_similarity(**inp, num_samples=M, seed=4, pair_offset=(5, 2))
+        sn, bn = tk.stochastic_max_similarity(**inp, num_samples=M, prior="normal", noise=noise)
+    s_ref, b_ref = ref_smsim(**inp, num_samples=M, seed=4, pair_offset=(5, 2))
+    close(s, s_ref)
+    assert torch.equal(b, b_ref)
+    sn_ref, bn_ref = ref_smsim(**inp, num_samples=M, prior="normal", noise=noise)
+    close(sn, sn_ref)
+    assert torch.equal(bn, bn_ref)
+    # Backward of a Triton forward falls back (documented) and still matches the reference.
+    g = torch.randn(Nt, Nv)
+    got = torch.autograd.grad(s, list(inp.values()), g)
+    want = torch.autograd.grad(s_ref, list(inp.values()), g)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_authors_radius_module():
+    """Our reference's stochastic text (radius path + reparameterisation) against a mirror of
+    the authors' LinearCosRadius/StochasticText, with the same injected noise."""
+    Nt, Nv, T, D, M = 3, 4, 12, 32, 2
+    inp = _inputs(Nt, Nv, T, D)
+    noise = torch.rand(Nt, Nv, M, D)
+    s, best = ref_smsim(**inp, num_samples=M, noise=noise)
+    emb = tk.stochastic_text_embedding(inp["text"], inp["frames"], inp["radius_weight"],
+                                       inp["radius_bias"], best, noise=noise)
+    ii, jj = torch.meshgrid(torch.arange(Nt), torch.arange(Nv), indexing="ij")
+    eps = noise[ii, jj, best]                                           # [Nt, Nv, D]
+    theirs = authors_stochastic_text(inp["text"][ii.reshape(-1)], inp["frames"][jj.reshape(-1)],
+                                     inp["radius_weight"], inp["radius_bias"],
+                                     eps.reshape(-1, D)).reshape(Nt, Nv, D)
+    # Their mean over T identical rows of a [T, T] matmul may differ from one dot product in
+    # the last bit, so the radius agrees to float32 rounding rather than bit for bit.
+    torch.testing.assert_close(emb, theirs, rtol=2e-6, atol=1e-6)
+    # And the radius itself is theirs: exp(Linear(T -> D)(S)), no sqrt, no scalar.
+    R = radius(inp["text"], inp["frames"], inp["radius_weight"], inp["radius_bias"])
+    torch.testing.assert_close((theirs - inp["text"][:, None, :]) / eps, R, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("prior", ["uniform", "normal"])
+def test_embedding_helper_cosine_is_sims(prior):
+    Nt, Nv = 4, 5
+    inp = _inputs(Nt, Nv, 12, 20)
+    with tk.use_backend("cpp"):
+        s, best = tk.stochastic_max_similarity(**inp, num_samples=7, prior=prior, seed=31)
+    emb = tk.stochastic_text_embedding(inp["text"], inp["frames"], inp["radius_weight"],
+                                       inp["radius_bias"], best, prior=prior, seed=31)
+    cos = F.cosine_similarity(emb, inp["pooled"].transpose(0, 1), dim=-1)
+    close(cos, s, rtol=1e-5, atol=1e-6)
+    pairs = torch.tensor([[0, 4], [3, 1], [2, 2]])
+    sel = tk.stochastic_text_embedding(inp["text"], inp["frames"], inp["radius_weight"],
+                                       inp["radius_bias"], best, pairs, prior=prior, seed=31)
+    close(sel, emb[pairs[:, 0], pairs[:, 1]])
+    with pytest.raises(ValueError, match="seed is required"):
+        tk.stochastic_text_embedding(inp["text"], inp["frames"], inp["radius_weight"],
+                                     inp["radius_bias"], best)
+
+
+def test_opcheck():
+    inp = _inputs(3, 4, 5, 9, requires_grad=True)
+    args = tuple(inp.values())
+    best = torch.randint(0, 3, (3, 4))
+    for backend in ["", "reference", *fused_backends("cpu", ("cpp",))]:
+        torch.library.opcheck(torch.ops.tvr.stochastic_max_similarity.default,
+                              (*args, 3, "uniform", 1.0, 7, None, 0, 0, backend))
+        torch.library.opcheck(torch.ops.tvr.stochastic_max_similarity.default,
+                              (*args, 3, "normal", 0.5, 7, torch.randn(3, 4, 3, 9), 2, 1, backend))
+        if backend == "reference":
+            # The reference backward runs functorch's vjp, which cannot see through opcheck's
+            # schema-checking tensor wrappers; test_gradients_match_reference covers it.
+            continue
+        torch.library.opcheck(torch.ops.tvr.stochastic_max_similarity_backward.default,
+                              (torch.randn(3, 4), *[a.detach() for a in args], best, 3, "uniform",
+                               1.0, 7, None, 0, 0, backend))
+
+
+def test_compile_fullgraph():
+    inp = _inputs(3, 4, 12, 16, requires_grad=True)
+    f = torch.compile(lambda *xs: tk.stochastic_max_similarity(*xs, 5, seed=17)[0] * 2.0,
+                      fullgraph=True)
+    y = f(*inp.values())
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, list(inp.values()), g)
+    s_ref, _ = ref_smsim(**inp, num_samples=5, seed=17)
+    close(y, s_ref * 2.0)
+    want = torch.autograd.grad(s_ref * 2.0, list(inp.values()), g)
+    for x, w in zip(got, want):
+        torch.testing.assert_close(x, w, rtol=1e-4, atol=1e-5)
+
+
+def test_no_large_buffers(monkeypatch):
+    """The cpp forward allocates nothing of size Nt*Nv*D (let alone Nt*Nv*M*D): every tensor
+    it creates through torch is at most [Nt, Nv] plus dtype copies of the inputs."""
+    Nt, Nv, T, D, M = 16, 16, 12, 64, 10
+    inp = _inputs(Nt, Nv, T, D)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        with tk.use_backend("cpp"):
+            tk.stochastic_max_similarity(**inp, num_samples=M, seed=1)
+    allocated = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
+    limit = Nt * Nv * 8 * 4 + D * T * 4 * 4
+    assert max(allocated, default=0) <= limit, max(allocated)
+
+
+def _bad(**over):
+    kw = dict(_inputs(2, 3, 4, 5), num_samples=3)
+    kw.update(over)
+    return kw
+
+
+@pytest.mark.parametrize("kwargs,err,match", [
+    (_bad(text=torch.randn(2, 6)), ValueError, r"frames is \[Nv, T, D\].*D must agree"),
+    (_bad(frames=torch.randn(3, 4, 6)), ValueError, r"D must agree"),
+    (_bad(pooled=torch.randn(3, 3, 5)), ValueError, r"pooled must be \[Nv, Nt, D\] = \(3, 2, 5\)"),
+    (_bad(pooled=torch.randn(4, 2, 5)), ValueError, r"pooled must be \[Nv, Nt, D\]"),
+    (_bad(radius_weight=torch.randn(5, 3)), ValueError, r"radius_weight must be \[D, T\] = \(5, 4\)"),
+    (_bad(radius_weight=torch.randn(4, 4)), ValueError, r"radius_weight must be \[D, T\]"),
+    (_bad(radius_bias=torch.randn(4)), ValueError, r"radius_bias must be \[D\] = \(5,\)"),
+    (_bad(text=torch.randn(2, 3, 5)), ValueError, r"text must be 2-D \[Nt, D\]"),
+    (_bad(frames=torch.randn(3, 5)), ValueError, r"frames must be 3-D \[Nv, T, D\]"),
+    (_bad(num_samples=0), ValueError, "num_samples must be >= 1"),
+    (_bad(num_samples=2.0), TypeError, "num_samples must be an int"),
+    (_bad(prior="gaussian"), ValueError, "prior must be one of"),
+    (_bad(prior="normal", std=0.0), ValueError, "std must be finite and > 0"),
+    (_bad(std=-1.0), ValueError, "std must be finite and > 0"),
+    (_bad(std=float("nan")), ValueError, "std must be finite and > 0"),
+    (_bad(std=float("inf")), ValueError, "std must be finite and > 0"),
+    (_bad(noise=torch.rand(2, 3, 4, 5)), ValueError, r"noise must be \[Nt, Nv, M, D\] = \(2, 3, 3, 5\)"),
+    (_bad(noise=torch.rand(2, 3, 5)), ValueError, "noise must be 4-D"),
+    (_bad(seed=-1), ValueError, r"seed must be in \[0, 2\*\*63\)"),
+    (_bad(seed=1.5), TypeError, "seed must be an int or None"),
+    (_bad(pooled=torch.randn(3, 2, 5, dtype=torch.float64)), TypeError, "one dtype.*pooled float64"),
+    (_bad(text=torch.randint(0, 3, (2, 5))), TypeError, "text must have dtype"),
+    (_bad(pair_offset=(-1, 0)), ValueError, r"pair_offset\[0\] must be >= 0"),
+    (_bad(pair_offset=(0, 2 ** 32)), ValueError, "must be < 2\\*\\*32"),
+])
+def test_bad_input(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        tk.stochastic_max_similarity(**kwargs)
+    with pytest.raises(err, match=match):
+        ref_smsim(**kwargs)
