@@ -1,5 +1,6 @@
 """Pure-PyTorch references mirroring the authors' code (SPEC.md). Every fused op in
 :mod:`tvr_kernels` has the same signature as its reference here and is tested against it."""
+from .perturbed_topk import perturbed_topk
 from .token_shift import token_shift
 
-__all__ = ["token_shift"]
+__all__ = ["perturbed_topk", "token_shift"]
