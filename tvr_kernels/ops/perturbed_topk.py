@@ -34,7 +34,8 @@ def _reference_forward(scores, k, num_samples, sigma, noise, seed, distribution,
     if noise is None:
         noise = perturbed_topk_noise(b, num_samples, d, seed, distribution, scores.device)
     ind, one_hot = _forward_pieces(scores, k, num_samples, sigma, noise, distribution)
-    return ind, expected_gradient_sum(one_hot, noise, distribution)
+    # contiguous: the fake kernel (and the fused kernels) promise contiguous outputs
+    return ind.contiguous(), expected_gradient_sum(one_hot, noise, distribution).contiguous()
 
 
 @torch.library.custom_op("tvr::perturbed_topk", mutates_args=())
@@ -62,7 +63,7 @@ def _perturbed_topk_backward(grad: Tensor, expected_grad: Tensor, num_samples: i
                              backend: str) -> Tensor:
     impl = pick("perturbed_topk", expected_grad, backend, _SUPPORTED)
     if impl == "reference":
-        return backward_from_sum(grad, expected_grad, num_samples, sigma)
+        return backward_from_sum(grad, expected_grad, num_samples, sigma).contiguous()
     if impl == "triton":
         from ..triton.perturbed_topk import perturbed_topk_bwd
         return perturbed_topk_bwd(grad, expected_grad, num_samples, sigma)
