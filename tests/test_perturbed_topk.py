@@ -132,6 +132,22 @@ def test_injected_noise_matches_reference(shape, distribution):
         torch.testing.assert_close(gx, gwant, rtol=1e-5, atol=1e-4, msg=be)
 
 
+@pytest.mark.parametrize("scale", [20.0, 1e-3])
+def test_injected_noise_wide_and_flat_scores(scale):
+    """The C++ kernel skips elements whose score cannot reach the current k-th value (a
+    bound from the noise maximum): spread-out scores exercise that path heavily, nearly flat
+    scores not at all. Both must match the reference exactly."""
+    shape = (6, 49, 3, 40)
+    b, d, k, S = shape
+    scores, noise, g = randn(b, d, scale=scale), _noise(shape, "normal"), randn(b, k, d)
+    _assert_no_boundary_ties(scores, noise, 0.05, k)
+    want, gwant = _run("reference", scores, k, S, 0.05, g, noise=noise)
+    for be in _backends_for(shape):
+        y, gx = _run(be, scores, k, S, 0.05, g, noise=noise)
+        assert torch.equal(y, want), be
+        torch.testing.assert_close(gx, gwant, rtol=1e-5, atol=1e-4, msg=be)
+
+
 @pytest.mark.parametrize("shape", TRITON_SHAPES, ids=str)
 def test_triton_injected_noise(shape):
     if "triton" not in FUSED:

@@ -10,6 +10,14 @@
 // tensor as small as the output. The forward has every selected z at hand, so it accumulates
 // W as it counts and returns it for autograd to save: the backward is then O(b*k*d), neither
 // stores nor regenerates any noise, and the noise is drawn exactly once.
+
+// g++ contracts a * b + c into an FMA by default in C++ (-ffp-contract=fast) wherever the
+// target has FMA (our AVX-512/AVX2 clones). That would round `scores + noise * sigma`
+// differently from torch and make the vector and scalar noise paths differ by an ulp, so this
+// file turns contraction off (before any include, so every inlined function agrees).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off")
+#endif
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -90,27 +98,43 @@ struct RowAcc {
   std::vector<double> w;
 };
 
+// Strict order of the selection: larger p first, the smaller index among equal p (torch.topk
+// leaves exact ties unspecified; this makes the result independent of the visiting order).
+template <typename acc_t>
+inline bool ranks_before(acc_t p, int64_t i, acc_t q, int64_t j) {
+  return (p > q) | ((p == q) & (i < j));  // non-short-circuit: one branch at the caller
+}
+
 // Select the k largest of p = score + (z * sigma) over one sample, indices sorted ascending,
-// and add the sample to the accumulators. Ties: strict '>' keeps the earlier (smaller) index
-// ahead of a later equal value, so exact ties go to the smallest index (torch.topk leaves
-// them unspecified). The sum rounds z * sigma to float32 first, as the authors'
-// `x[:, None, :] + noise * sigma` does (float32 noise times a Python float).
-template <typename scalar_t, typename acc_t>
-inline void select_sample(const scalar_t* sc, const float* z, float sigma, int64_t d, int64_t k,
-                          bool gumbel, acc_t* bv, int64_t* bi, int32_t* counts, double* w) {
+// and add the sample to the accumulators. The sum rounds z * sigma to float32 first, as the
+// authors' `x[:, None, :] + noise * sigma` does (float32 noise times a Python float).
+//
+// Elements are visited in descending score order (`order`, with `sorted_sc` the scores in
+// that order). Once k are held, element t can only enter if
+// p = fl(sc + fl(z * sigma)) > threshold; since rounding is monotone and z <= zmax,
+// p <= fl(sc + fl(zmax * sigma)) = bound, and the bound only decreases along the order: the
+// first bound below the threshold ends the sample. With sigma small against the spread of
+// the scores this touches a handful of the d elements, and the result is exact.
+template <typename acc_t>
+inline void select_sample(const int64_t* order, const acc_t* sorted_sc, const float* z, float sigma,
+                          float zmax_sigma, int64_t d, int64_t k, bool gumbel, acc_t* bv,
+                          int64_t* bi, int32_t* counts, double* w) {
   int64_t n = 0;
-  for (int64_t i = 0; i < d; ++i) {
+  for (int64_t t = 0; t < d; ++t) {
+    const int64_t i = order[t];
+    const acc_t sc = sorted_sc[t];
+    if (n == k && sc + static_cast<acc_t>(zmax_sigma) < bv[k - 1]) break;
     const float zs = z[i] * sigma;
-    const acc_t p = static_cast<acc_t>(sc[i]) + static_cast<acc_t>(zs);
+    const acc_t p = sc + static_cast<acc_t>(zs);
     int64_t j;
     if (n < k) {
       j = n++;
-    } else if (p > bv[k - 1]) {
+    } else if (ranks_before(p, i, bv[k - 1], bi[k - 1])) {
       j = k - 1;
     } else {
       continue;
     }
-    while (j > 0 && p > bv[j - 1]) {
+    while (j > 0 && ranks_before(p, i, bv[j - 1], bi[j - 1])) {
       bv[j] = bv[j - 1];
       bi[j] = bi[j - 1];
       --j;
@@ -133,6 +157,18 @@ inline void select_sample(const scalar_t* sc, const float* z, float sigma, int64
     counts[j * d + i] += 1;
     w[j * d + i] += static_cast<double>(ptopk_noise_grad(z[i], gumbel));
   }
+}
+
+// Largest value the generated noise can take: Box-Muller's radius is at most
+// sqrt(-2 log 2^-24) = 5.77 and a Gumbel draw at most -log(-log(1 - 2^-24)) = 16.64; the
+// bounds below leave a margin for the transforms' rounding.
+constexpr float kMaxNormal = 6.0f, kMaxGumbel = 17.0f;
+
+inline float max_of(const float* z, int64_t d) {
+  float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < d; ++i) m = std::max(m, z[i]);
+  return m;
 }
 
 // Sample chunks per row: enough tasks for the threads when b is small, one chunk per row when
@@ -190,12 +226,20 @@ std::tuple<at::Tensor, at::Tensor> perturbed_topk_fwd_cpu(const at::Tensor& scor
       std::vector<int64_t> bi(k);
       std::vector<int32_t> counts(kd);
       std::vector<double> w(kd);
+      std::vector<int64_t> order(d);
+      std::vector<acc_t> sorted_sc(d);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t row = task / nchunk, c = task % nchunk;
         const int64_t s_begin = c * chunk, s_end = std::min(S, s_begin + chunk);
         std::fill(counts.begin(), counts.end(), 0);
         std::fill(w.begin(), w.end(), 0.0);
         const scalar_t* sc = sc_ptr + row * d;
+        for (int64_t i = 0; i < d; ++i) order[i] = i;
+        std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+          return static_cast<acc_t>(sc[a]) > static_cast<acc_t>(sc[b]);
+        });
+        for (int64_t t = 0; t < d; ++t) sorted_sc[t] = static_cast<acc_t>(sc[order[t]]);
+        const float gen_zmax_sigma = (gumbel ? kMaxGumbel : kMaxNormal) * sig;
         for (int64_t s0 = s_begin; s0 < s_end; s0 += sb) {
           const int64_t ns = std::min(sb, s_end - s0);
           const float* zb;
@@ -213,8 +257,11 @@ std::tuple<at::Tensor, at::Tensor> perturbed_topk_fwd_cpu(const at::Tensor& scor
             stride = 4 * Q;
           }
           for (int64_t sl = 0; sl < ns; ++sl) {
-            select_sample<scalar_t, acc_t>(sc, zb + sl * stride, sig, d, k, gumbel, bv.data(),
-                                           bi.data(), counts.data(), w.data());
+            const float* z = zb + sl * stride;
+            // Injected noise has no a-priori bound: use this sample's maximum.
+            const float zmax_sigma = noise_ptr ? max_of(z, d) * sig : gen_zmax_sigma;
+            select_sample<acc_t>(order.data(), sorted_sc.data(), z, sig, zmax_sigma, d, k, gumbel,
+                                 bv.data(), bi.data(), counts.data(), w.data());
           }
         }
         if (nchunk == 1) {

@@ -25,30 +25,41 @@
 
 #define TVR_PTOPK_STREAM 0x544F504Bu  // "TOPK": separates this op's stream from other ops'
 
+// Forced inlining on the host: the CPU kernel calls these inside `#pragma omp simd` loops,
+// which only vectorise if every call is inlined (g++ otherwise keeps the larger ones, e.g.
+// Box-Muller, as calls).
+#if defined(__CUDACC__)
+#define TVR_PTOPK_HD TVR_HD
+#elif defined(__GNUC__)
+#define TVR_PTOPK_HD inline __attribute__((always_inline))
+#else
+#define TVR_PTOPK_HD inline
+#endif
+
 namespace tvr {
 
 // uint32 -> float strictly inside (0, 1): ((x >> 9) + 0.5) * 2^-23. 23 bits plus a half fit
 // in float32's 24-bit significand, so the value is exact: range [2^-24, 1 - 2^-24].
-TVR_HD float unit_float_open01(uint32_t x) {
+TVR_PTOPK_HD float unit_float_open01(uint32_t x) {
   return (static_cast<float>(static_cast<int32_t>(x >> 9)) + 0.5f) * 1.1920928955078125e-07f;
 }
 
 // tvr::unit_float / unit_float_open0 (same values), converting through int32: the shifted
 // value fits, and a signed conversion vectorises on AVX2 (unsigned needs AVX-512).
-TVR_HD float ptopk_unit_float(uint32_t x) {
+TVR_PTOPK_HD float ptopk_unit_float(uint32_t x) {
   return static_cast<float>(static_cast<int32_t>(x >> 8)) * 5.9604644775390625e-08f;
 }
-TVR_HD float ptopk_unit_float_open0(uint32_t x) {
+TVR_PTOPK_HD float ptopk_unit_float_open0(uint32_t x) {
   return static_cast<float>(static_cast<int32_t>(x >> 8) + 1) * 5.9604644775390625e-08f;
 }
 
-TVR_HD uint32_t ptopk_float_bits(float x) {
+TVR_PTOPK_HD uint32_t ptopk_float_bits(float x) {
   uint32_t b;
   memcpy(&b, &x, sizeof(b));
   return b;
 }
 
-TVR_HD float ptopk_bits_float(uint32_t b) {
+TVR_PTOPK_HD float ptopk_bits_float(uint32_t b) {
   float x;
   memcpy(&x, &b, sizeof(x));
   return x;
@@ -60,7 +71,7 @@ TVR_HD float ptopk_bits_float(uint32_t b) {
 // from vectorising the loop for AVX2). log(m) = 2 atanh(t), t = (m - 1) / (m + 1),
 // |t| <= 0.172, by its odd series to t^9 (next term < 1e-9 relative). ln 2 is split into an
 // exactly representable high part and a small low part so e * ln2_hi is exact.
-TVR_HD float ptopk_log(float x) {
+TVR_PTOPK_HD float ptopk_log(float x) {
   const uint32_t bits = ptopk_float_bits(x) + (0x3F800000u - 0x3F3504F3u);
   const int e = static_cast<int>(bits >> 23) - 127;
   const float m = ptopk_bits_float((bits & 0x007FFFFFu) + 0x3F3504F3u);
@@ -75,7 +86,7 @@ TVR_HD float ptopk_log(float x) {
 // cos(2 pi u), sin(2 pi u) for u in [0, 1) with exact range reduction: v = 4u is exact,
 // n = round(v), f = v - n in [-1/2, 1/2] is exact, a = f * pi/2 in [-pi/4, pi/4]; Taylor
 // polynomials there (truncation < 2e-9); rotate by the quadrant n mod 4.
-TVR_HD void ptopk_sincos_2pi(float u, float* c_out, float* s_out) {
+TVR_PTOPK_HD void ptopk_sincos_2pi(float u, float* c_out, float* s_out) {
   const float v = 4.0f * u;
   // round(v): v + 0.5 is exact (v < 4 lies on a 2^-22 grid) and positive, so truncating
   // it is floor (an int conversion vectorises everywhere; floorf needs SSE4.1).
@@ -99,7 +110,7 @@ TVR_HD void ptopk_sincos_2pi(float u, float* c_out, float* s_out) {
 }
 
 // Two uniforms' bits -> two standard normals (Box-Muller, same roles as tvr::box_muller).
-TVR_HD void ptopk_box_muller(uint32_t a, uint32_t b, float* z0, float* z1) {
+TVR_PTOPK_HD void ptopk_box_muller(uint32_t a, uint32_t b, float* z0, float* z1) {
   const float r = sqrtf(-2.0f * ptopk_log(ptopk_unit_float_open0(a)));
   float c, s;
   ptopk_sincos_2pi(ptopk_unit_float(b), &c, &s);
@@ -108,10 +119,10 @@ TVR_HD void ptopk_box_muller(uint32_t a, uint32_t b, float* z0, float* z1) {
 }
 
 // One uniform's bits -> a standard Gumbel sample.
-TVR_HD float ptopk_gumbel(uint32_t a) { return -ptopk_log(-ptopk_log(unit_float_open01(a))); }
+TVR_PTOPK_HD float ptopk_gumbel(uint32_t a) { return -ptopk_log(-ptopk_log(unit_float_open01(a))); }
 
 // The noise of one element (b, s, i): what the bulk CPU generator writes for it.
-TVR_HD float ptopk_noise(uint64_t seed, uint32_t b, uint32_t s, uint32_t i, bool gumbel) {
+TVR_PTOPK_HD float ptopk_noise(uint64_t seed, uint32_t b, uint32_t s, uint32_t i, bool gumbel) {
   const U32x4 r = philox4x32_10(i >> 2, s, b, TVR_PTOPK_STREAM, seed);
   const int lane = static_cast<int>(i & 3u);
   if (gumbel) return ptopk_gumbel(r.v[lane]);
@@ -121,6 +132,6 @@ TVR_HD float ptopk_noise(uint64_t seed, uint32_t b, uint32_t s, uint32_t i, bool
 }
 
 // g(z): the gradient of the negative log-density of the noise; the estimator's weight.
-TVR_HD float ptopk_noise_grad(float z, bool gumbel) { return gumbel ? 1.0f - expf(-z) : z; }
+TVR_PTOPK_HD float ptopk_noise_grad(float z, bool gumbel) { return gumbel ? 1.0f - expf(-z) : z; }
 
 }  // namespace tvr
