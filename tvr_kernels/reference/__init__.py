@@ -1,6 +1,7 @@
 """Pure-PyTorch references mirroring the authors' code (SPEC.md). Every fused op in
 :mod:`tvr_kernels` has the same signature as its reference here and is tested against it."""
+from .perturbed_topk import perturbed_topk
 from .stochastic_max_similarity import stochastic_max_similarity, stochastic_text_embedding
 from .token_shift import token_shift
 
-__all__ = ["stochastic_max_similarity", "stochastic_text_embedding", "token_shift"]
+__all__ = ["perturbed_topk", "stochastic_max_similarity", "stochastic_text_embedding", "token_shift"]

@@ -1,0 +1,34 @@
+"""perturbed_topk at the TS2-Net shape: 16 videos x 12 frames choose k = 3 of 49 patch tokens
+with S = 500 samples, sigma = 0.05.
+
+The reference provider is the authors' computation, drawing its own noise with
+``torch.normal(0, 1, (b, S, d))`` as they do (the reference with ``noise=``); the fused
+providers draw theirs in-kernel from a seed (Philox), which is how the op is used.
+"""
+import torch
+
+import tvr_kernels as tk
+from tvr_kernels.reference import perturbed_topk as ref_topk
+
+from benchmarks.common import Case
+
+
+def _inputs(device):
+    return dict(scores=torch.randn(192, 49, device=device), k=3, num_samples=500, sigma=0.05)
+
+
+def _authors(scores, k, num_samples, sigma):
+    noise = torch.normal(0.0, 1.0, (scores.shape[0], num_samples, scores.shape[1]),
+                         device=scores.device)
+    return ref_topk(scores, k, num_samples, sigma, noise=noise)
+
+
+def _fused(scores, k, num_samples, sigma):
+    return tk.perturbed_topk(scores, k, num_samples, sigma, seed=0)
+
+
+CASES = [
+    Case(op="perturbed_topk", name="[192,49] k=3 S=500 sigma=0.05", make_inputs=_inputs,
+         grad_args=("scores",), modes=("fwd", "fwd+bwd"), reference=_authors, fused=_fused,
+         note="reference draws torch.normal noise (the authors'); fused backends use seed=0"),
+]

@@ -1,0 +1,413 @@
+"""perturbed_topk (SPEC 2): reference against the authors' computation, every backend against
+the reference (injected noise: forward bit-exact; seeded noise: equal up to near-ties of the
+noise transform's rounding), the gradient estimator against finite differences, hard mode,
+op registration, compile, and every bad input."""
+import pytest
+import torch
+
+import tvr_kernels as tk
+from tvr_kernels import _backend
+from tvr_kernels.reference import perturbed_topk as ref_topk
+from tvr_kernels.reference.perturbed_topk import perturbed_topk_noise
+
+from conftest import fused_backends
+from helpers import randn
+
+HAVE_EXT = _backend.extension_available()
+FUSED = fused_backends("cpu", ("cpp", "triton"))
+ALL = ["reference", *FUSED]
+
+# (b, d, k, S): the papers' d = 49 (N = 50 minus CLS) and d = 196 (197 minus CLS), odd sizes,
+# b = 1, k = 1, k = d, S = 1, d = 1.
+SHAPES = [
+    (4, 49, 3, 24),
+    (2, 196, 3, 6),
+    (3, 13, 1, 7),
+    (1, 11, 11, 5),
+    (5, 7, 2, 1),
+    (2, 1, 1, 3),
+    (3, 50, 7, 9),
+]
+# Triton runs in the interpreter here: small shapes only (b <= 3, S <= 16).
+TRITON_SHAPES = [(2, 49, 3, 16), (1, 196, 3, 4), (3, 13, 13, 5), (2, 1, 1, 3)]
+
+
+def _backends_for(shape, backends=None):
+    b, d, k, S = shape
+    out = []
+    for be in backends or FUSED:
+        if be == "triton" and (b > 3 or S > 16):
+            continue
+        out.append(be)
+    return out
+
+
+def _gumbel_noise(*shape):
+    u = torch.rand(*shape).clamp_(1e-7, 1 - 1e-7)
+    return -torch.log(-torch.log(u))
+
+
+def _noise(shape, distribution):
+    b, d, k, S = shape
+    return torch.randn(b, S, d) if distribution == "normal" else _gumbel_noise(b, S, d)
+
+
+def _assert_no_boundary_ties(scores, noise, sigma, k):
+    """The k-th and (k+1)-th perturbed scores differ everywhere, so the selection is defined
+    (torch.topk leaves exact ties unspecified): keeps bit-exact comparisons meaningful."""
+    if k == scores.shape[1]:
+        return
+    p = scores.float()[:, None, :] + noise * sigma if scores.dtype != torch.float64 else \
+        scores[:, None, :] + noise * sigma
+    top = torch.topk(p, k + 1, dim=-1).values
+    assert (top[..., k - 1] > top[..., k]).all()
+
+
+def _run(backend, scores, k, S, sigma, grad, **kw):
+    x = scores.detach().requires_grad_(True)
+    if backend == "reference":
+        y = ref_topk(x, k, S, sigma, **kw)
+    else:
+        with tk.use_backend(backend):
+            y = tk.perturbed_topk(x, k, S, sigma, **kw)
+    (gx,) = torch.autograd.grad(y, x, grad)
+    return y, gx
+
+
+def _authors(scores, k, S, sigma, noise):
+    """TS2-Net's PerturbedTopK written out plainly: forward and the gradient its backward
+    returns for output gradient `grad`."""
+    b, d = scores.shape
+    perturbed_x = scores[:, None, :] + noise * sigma
+    indices = torch.topk(perturbed_x, k=k, dim=-1, sorted=False).indices
+    indices = torch.sort(indices, dim=-1).values
+    perturbed_output = torch.nn.functional.one_hot(indices, num_classes=d).float()
+    indicators = perturbed_output.mean(dim=1)
+
+    def backward(grad):
+        expected_gradient = torch.einsum("bnkd,bnd->bkd", perturbed_output, noise) / S / sigma
+        return torch.einsum("bkd,bkd->bd", grad, expected_gradient)
+    return indicators, backward
+
+
+# ---------------------------------------------------------------- reference vs the authors
+
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=str)
+def test_reference_is_the_authors_computation(shape):
+    b, d, k, S = shape
+    scores = randn(b, d)
+    noise = torch.normal(mean=0.0, std=1.0, size=(b, S, d))  # how the authors draw it
+    want, want_bwd = _authors(scores, k, S, 0.05, noise)
+    g = randn(b, k, d)
+    y, gx = _run("reference", scores, k, S, 0.05, g, noise=noise)
+    assert y.dtype == torch.float32 and y.shape == (b, k, d)
+    assert torch.equal(y, want)
+    torch.testing.assert_close(gx, want_bwd(g), rtol=1e-6, atol=1e-6)
+
+
+def test_entries_are_counts_over_samples():
+    scores, S, k = randn(3, 20), 37, 4
+    y = ref_topk(scores, k, S, 0.3, seed=11)
+    counts = (y * S).round()
+    assert torch.equal(y, counts / S)
+    # every sample contributes one entry per row j: rows sum to 1
+    torch.testing.assert_close(y.sum(-1), torch.ones(3, k))
+    # row j holds the j-th smallest index: the mean position increases with j
+    pos = (y * torch.arange(20.0)).sum(-1)
+    assert (pos[:, 1:] > pos[:, :-1]).all()
+
+
+# ---------------------------------------------------- injected noise: fused == reference
+
+@pytest.mark.parametrize("distribution", ["normal", "gumbel"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_injected_noise_matches_reference(shape, distribution):
+    b, d, k, S = shape
+    scores, noise, g = randn(b, d), _noise(shape, distribution), randn(b, k, d)
+    _assert_no_boundary_ties(scores, noise, 0.05, k)
+    want, gwant = _run("reference", scores, k, S, 0.05, g, noise=noise, distribution=distribution)
+    for be in _backends_for(shape):
+        y, gx = _run(be, scores, k, S, 0.05, g, noise=noise, distribution=distribution)
+        assert torch.equal(y, want), be
+        torch.testing.assert_close(gx, gwant, rtol=1e-5, atol=1e-4, msg=be)
+
+
+@pytest.mark.parametrize("scale", [20.0, 1e-3])
+def test_injected_noise_wide_and_flat_scores(scale):
+    """The C++ kernel skips elements whose score cannot reach the current k-th value (a
+    bound from the noise maximum): spread-out scores exercise that path heavily, nearly flat
+    scores not at all. Both must match the reference exactly."""
+    shape = (6, 49, 3, 40)
+    b, d, k, S = shape
+    scores, noise, g = randn(b, d, scale=scale), _noise(shape, "normal"), randn(b, k, d)
+    _assert_no_boundary_ties(scores, noise, 0.05, k)
+    want, gwant = _run("reference", scores, k, S, 0.05, g, noise=noise)
+    for be in _backends_for(shape):
+        y, gx = _run(be, scores, k, S, 0.05, g, noise=noise)
+        assert torch.equal(y, want), be
+        torch.testing.assert_close(gx, gwant, rtol=1e-5, atol=1e-4, msg=be)
+
+
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=str)
+def test_triton_injected_noise(shape):
+    if "triton" not in FUSED:
+        pytest.skip("triton unavailable")
+    b, d, k, S = shape
+    scores, noise, g = randn(b, d), _noise(shape, "normal"), randn(b, k, d)
+    _assert_no_boundary_ties(scores, noise, 0.05, k)
+    want, gwant = _run("reference", scores, k, S, 0.05, g, noise=noise)
+    y, gx = _run("triton", scores, k, S, 0.05, g, noise=noise)
+    assert torch.equal(y, want)
+    torch.testing.assert_close(gx, gwant, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=str)
+def test_injected_noise_other_dtypes(dtype):
+    shape = (3, 49, 3, 12)
+    b, d, k, S = shape
+    scores, noise, g = randn(b, d, dtype=dtype), _noise(shape, "normal"), randn(b, k, d)
+    _assert_no_boundary_ties(scores, noise, 0.05, k)
+    want, gwant = _run("reference", scores, k, S, 0.05, g, noise=noise)
+    for be in _backends_for(shape):
+        y, gx = _run(be, scores, k, S, 0.05, g, noise=noise)
+        assert y.dtype == torch.float32 and gx.dtype == dtype
+        assert torch.equal(y, want), be
+        torch.testing.assert_close(gx.double(), gwant.double(), rtol=2e-3, atol=1e-3, msg=be)
+
+
+def test_fused_outputs_fully_written(nan_poison):
+    shape = (3, 13, 4, 6)
+    b, d, k, S = shape
+    scores, g = randn(b, d), randn(b, k, d)
+    for be in _backends_for(shape):
+        for kw in (dict(seed=3), dict(noise=torch.randn(b, S, d)), dict(hard=True)):
+            y, gx = _run(be, scores, k, S, 0.1, g, **kw)
+            assert not y.isnan().any() and not gx.isnan().any(), (be, kw)
+
+
+# --------------------------------------------------- the backward is the SPEC's formula
+
+@pytest.mark.parametrize("distribution", ["normal", "gumbel"])
+def test_backward_is_the_estimator_formula(distribution):
+    """gradcheck does not apply to a stochastic, piecewise-constant forward; instead the
+    backward of every backend must equal the SPEC's formula, written here in float64 with
+    explicit loops, on fixed injected noise."""
+    shape = (3, 9, 3, 8)
+    b, d, k, S = shape
+    sigma = 0.2
+    scores, noise, g = randn(b, d), _noise(shape, distribution), randn(b, k, d)
+    _assert_no_boundary_ties(scores, noise, sigma, k)
+    gz = noise.double() if distribution == "normal" else 1 - torch.exp(-noise.double())
+    want = torch.zeros(b, d, dtype=torch.float64)
+    p = scores[:, None, :] + noise * sigma
+    for r in range(b):
+        for s in range(S):
+            chosen = sorted(torch.topk(p[r, s], k).indices.tolist())
+            for j, i in enumerate(chosen):
+                want[r, i] += g[r, j, i].double() * gz[r, s, i] / (S * sigma)
+    for be in _backends_for(shape, ALL):
+        _, gx = _run(be, scores, k, S, sigma, g, noise=noise, distribution=distribution)
+        torch.testing.assert_close(gx.double(), want, rtol=1e-5, atol=1e-5, msg=be)
+
+
+# ---------------------------------------------------------------------- seeded noise
+
+def test_seeded_noise_cpp_matches_reference_noise():
+    if not HAVE_EXT:
+        pytest.skip("no extension")
+    for dist in ("normal", "gumbel"):
+        for d in (49, 6, 1):
+            bulk = torch.ops.tvr_C.perturbed_topk_noise(3, 17, d, 2 ** 40 + 9, dist == "gumbel")
+            one = torch.ops.tvr_C.perturbed_topk_noise_scalar(3, 17, d, 2 ** 40 + 9, dist == "gumbel")
+            want = perturbed_topk_noise(3, 17, d, 2 ** 40 + 9, dist)
+            assert torch.equal(bulk, one), "vector and scalar generators give the same bits"
+            torch.testing.assert_close(bulk, want, rtol=1e-5, atol=3e-6)
+
+
+def test_seeded_noise_statistics():
+    z = perturbed_topk_noise(4, 2000, 49, 123, "normal")
+    assert abs(z.mean()) < 0.01 and abs(z.std() - 1) < 0.01
+    # lanes of one Philox call are uncorrelated (Box-Muller cos/sin pairs included)
+    lanes = z[..., :48].reshape(-1, 4).T
+    assert (torch.corrcoef(lanes) - torch.eye(4)).abs().max() < 0.02
+    gmb = perturbed_topk_noise(4, 2000, 49, 123, "gumbel")
+    assert torch.isfinite(gmb).all()
+    assert abs(gmb.mean() - 0.5772157) < 0.02 and abs(gmb.var() - torch.pi ** 2 / 6) < 0.05
+
+
+@pytest.mark.parametrize("distribution", ["normal", "gumbel"])
+def test_seeded_backends_agree(distribution):
+    """Seeded noise: every backend agrees with the reference up to the rounding of the noise
+    transform, which can flip a selection only at a near-tie."""
+    for shape in [(16, 49, 3, 100), (2, 196, 5, 16), (3, 13, 13, 5), (2, 1, 1, 3)]:
+        b, d, k, S = shape
+        scores, g = randn(b, d), randn(b, k, d)
+        want, gwant = _run("reference", scores, k, S, 0.05, g, seed=77, distribution=distribution)
+        for be in _backends_for(shape):
+            y, gx = _run(be, scores, k, S, 0.05, g, seed=77, distribution=distribution)
+            assert (y == want).float().mean() >= 0.999, (be, shape)
+            assert (y - want).abs().max() <= 2.0 / S, (be, shape)
+            torch.testing.assert_close(gx, gwant, rtol=1e-4, atol=1e-3, msg=f"{be} {shape}")
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_seeded_is_reproducible_and_seed_sensitive(backend):
+    shape = (3, 20, 3, 16)
+    b, d, k, S = shape
+    scores, g = randn(b, d), randn(b, k, d)
+    y1, g1 = _run(backend, scores, k, S, 0.05, g, seed=5)
+    y2, g2 = _run(backend, scores, k, S, 0.05, g, seed=5)
+    y3, _ = _run(backend, scores, k, S, 0.05, g, seed=6)
+    assert torch.equal(y1, y2) and torch.equal(g1, g2)
+    assert not torch.equal(y1, y3)
+    # seed=None: a seed from torch's generator, so manual_seed reproduces it
+    torch.manual_seed(1)
+    y4, _ = _run(backend, scores, k, S, 0.05, g)
+    torch.manual_seed(1)
+    y5, _ = _run(backend, scores, k, S, 0.05, g)
+    y6, _ = _run(backend, scores, k, S, 0.05, g)
+    assert torch.equal(y4, y5) and not torch.equal(y5, y6)
+
+
+# --------------------------------------------------------- the estimator is unbiased
+
+@pytest.mark.parametrize("distribution", ["normal", "gumbel"])
+def test_gradient_estimator_against_finite_differences(distribution):
+    """d/d scores[i] of E[sum_j c_j indicators[j, i]] by central finite differences (common
+    noise for +h and -h) against the estimator, per column i. The SPEC's (the authors')
+    estimator keeps only these diagonal terms d E[ind[j, i]] / d scores[i], so that is what is
+    compared. M independent chunks give a standard error; the signal must clear it."""
+    backend = "cpp" if HAVE_EXT else "reference"
+    d, k, S, M, sigma, h = 6, 2, 4000, 16, 0.5, 0.05
+    gen = torch.Generator().manual_seed(1234)
+    theta = torch.tensor([0.3, -0.2, 0.1, 0.0, 0.25, -0.1])
+    c = torch.randn(k, d, generator=gen)
+    # rows per chunk: theta, then theta + h e_i and theta - h e_i for each i
+    shifts = torch.cat([torch.zeros(1, d), h * torch.eye(d), -h * torch.eye(d)])
+    rows = (theta + shifts).repeat(M, 1)  # [M * (1 + 2d), d]
+    if distribution == "normal":
+        base = torch.randn(M, S, d, generator=gen)
+    else:
+        u = torch.rand(M, S, d, generator=gen).clamp_(1e-7, 1 - 1e-7)
+        base = -torch.log(-torch.log(u))
+    noise = base.repeat_interleave(1 + 2 * d, dim=0)  # common noise within a chunk
+    grad_out = torch.zeros(M * (1 + 2 * d), k, d)
+    grad_out[:: 1 + 2 * d] = c
+    y, gx = _run(backend, rows, k, S, sigma, grad_out, noise=noise, distribution=distribution)
+    y = y.reshape(M, 1 + 2 * d, k, d)
+    est = gx.reshape(M, 1 + 2 * d, d)[:, 0]                                 # [M, d]
+    col = (y * c).sum(2)                                                     # [M, 1+2d, d]
+    idx = torch.arange(d)
+    fd = (col[:, 1 + idx, idx] - col[:, 1 + d + idx, idx]) / (2 * h)         # [M, d]
+    diff = est - fd
+    se = diff.std(0) / M ** 0.5
+    assert (diff.mean(0).abs() <= 4 * se + 0.02 * fd.mean(0).abs() + 1e-3).all(), (est.mean(0), fd.mean(0))
+    se_fd = fd.std(0) / M ** 0.5
+    assert (fd.mean(0).abs() > 4 * se_fd).sum() >= d // 2, "the test must have signal"
+
+
+# ------------------------------------------------------------------------- hard mode
+
+@pytest.mark.parametrize("backend", ALL)
+def test_hard_mode(backend):
+    b, d, k = 3, 49, 3
+    scores = randn(b, d)
+    g = randn(b, k, d)
+    y, gx = _run(backend, scores, k, 500, 0.05, g, hard=True)
+    idx = torch.sort(torch.topk(scores, k).indices, dim=-1).values
+    assert torch.equal(y, torch.nn.functional.one_hot(idx, d).float())
+    assert torch.equal(gx, torch.zeros_like(scores)), "plain top-k is piecewise constant"
+    # exact ties go to the smaller index, on every backend
+    tied = torch.tensor([[1.0, 3.0, 2.0, 3.0, 3.0, 0.0]])
+    y, _ = _run(backend, tied, 2, 1, 0.05, torch.ones(1, 2, 6), hard=True)
+    assert torch.equal(y, torch.nn.functional.one_hot(torch.tensor([[1, 3]]), 6).float())
+
+
+def test_hard_mode_is_the_limit_of_small_sigma():
+    scores = randn(4, 30)
+    hard = tk.perturbed_topk(scores, 5, hard=True)
+    soft = tk.perturbed_topk(scores, 5, 64, 1e-6, seed=0)
+    assert torch.equal(hard, soft)
+
+
+# ------------------------------------------------------------- registration, compile
+
+def test_opcheck():
+    b, d, k, S = 2, 13, 3, 5
+    x = randn(b, d, requires_grad=True)
+    noise = torch.randn(b, S, d)
+    for backend in ["", "reference", *FUSED]:
+        for nz, seed, dist, hard in [(None, 7, "normal", False), (noise, 0, "gumbel", False),
+                                     (None, 0, "normal", True)]:
+            torch.library.opcheck(torch.ops.tvr.perturbed_topk.default,
+                                  (x, k, S, 0.1, nz, seed, dist, hard, backend))
+        w = torch.randn(b, k, d)
+        torch.library.opcheck(torch.ops.tvr.perturbed_topk_backward.default,
+                              (randn(b, k, d), w, S, 0.1, backend))
+
+
+def test_compile_fullgraph():
+    x = randn(6, 49, requires_grad=True)
+    f = torch.compile(lambda t: tk.perturbed_topk(t, 3, 32, 0.05, seed=9) * 2.0, fullgraph=True)
+    y = f(x)
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    ye = tk.perturbed_topk(x, 3, 32, 0.05, seed=9) * 2.0
+    (ge,) = torch.autograd.grad(ye, x, g)
+    assert torch.equal(y, ye) and torch.equal(gx, ge)
+
+
+def test_backward_outside_backend_block_uses_forward_backend():
+    x = randn(2, 10, requires_grad=True)
+    noise = torch.randn(2, 8, 10)
+    with tk.use_backend("reference"):
+        y = tk.perturbed_topk(x, 3, 8, 0.05, noise=noise)
+    y.backward(torch.ones_like(y))
+    (gr,) = torch.autograd.grad(ref_topk(x, 3, 8, 0.05, noise=noise), x, torch.ones_like(y))
+    assert torch.equal(x.grad, gr)
+
+
+# ------------------------------------------------------------------------ bad input
+
+X = torch.randn(4, 10)
+
+
+@pytest.mark.parametrize("kwargs,err,match", [
+    (dict(scores=torch.randn(4, 10, 2), k=3), ValueError, r"scores must be 2-D \[b, d\]"),
+    (dict(scores=[[1.0]], k=1), TypeError, "scores must be a torch.Tensor"),
+    (dict(scores=torch.randint(0, 5, (4, 10)), k=3), TypeError, "scores must have dtype"),
+    (dict(scores=X, k=0), ValueError, "k must be >= 1"),
+    (dict(scores=X, k=11), ValueError, r"k must be <= d = scores.shape\[1\] = 10"),
+    (dict(scores=X, k=2.0), TypeError, "k must be an int"),
+    (dict(scores=X, k=3, num_samples=0), ValueError, "num_samples must be >= 1"),
+    (dict(scores=X, k=3, sigma=0.0), ValueError, "sigma must be finite and > 0"),
+    (dict(scores=X, k=3, sigma=-0.1), ValueError, "sigma must be finite and > 0"),
+    (dict(scores=X, k=3, sigma=float("inf")), ValueError, "sigma must be finite and > 0"),
+    (dict(scores=X, k=3, sigma=float("nan")), ValueError, "sigma must be finite and > 0"),
+    (dict(scores=X, k=3, sigma="0.1"), TypeError, "sigma must be a number"),
+    (dict(scores=X, k=3, num_samples=5, noise=torch.randn(4, 6, 10)), ValueError,
+     r"noise must have shape \[b, num_samples, d\] = \[4, 5, 10\], got \(4, 6, 10\)"),
+    (dict(scores=X, k=3, num_samples=5, noise=torch.randn(4, 10)), ValueError,
+     r"noise must be 3-D \[b, num_samples, d\] = \[4, 5, 10\]"),
+    (dict(scores=X, k=3, num_samples=5, noise=torch.randn(4, 5, 10, dtype=torch.float64)),
+     TypeError, r"noise must have dtype in \(float32\)"),
+    (dict(scores=X, k=3, num_samples=5, noise=torch.randn(4, 5, 10), seed=1), ValueError,
+     "give noise or seed, not both"),
+    (dict(scores=X, k=3, num_samples=5, noise=torch.randn(4, 5, 10), hard=True), ValueError,
+     "noise must be None when hard=True"),
+    (dict(scores=X, k=3, distribution="uniform"), ValueError, "distribution must be one of"),
+    (dict(scores=X, k=3, seed=-1), ValueError, r"seed must be in \[0, 2\*\*63\)"),
+    (dict(scores=X, k=3, seed=1.5), TypeError, "seed must be an int or None"),
+    (dict(scores=X, k=3, hard=1), TypeError, "hard must be a bool"),
+])
+def test_bad_input(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        tk.perturbed_topk(**kwargs)
+    with pytest.raises(err, match=match):
+        ref_topk(**kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_bad_input_noise_device():
+    with pytest.raises(ValueError, match="all tensors must be on one device"):
+        tk.perturbed_topk(X, 3, 5, noise=torch.randn(4, 5, 10, device="cuda"))

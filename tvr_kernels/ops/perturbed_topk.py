@@ -1,0 +1,140 @@
+"""``tvr::perturbed_topk``: registration, autograd and backend choice (SPEC 2).
+
+Kernels: csrc/cpu/perturbed_topk.cpp (cpp), tvr_kernels/triton/perturbed_topk.py (triton);
+reference: tvr_kernels/reference/perturbed_topk.py.
+
+The forward op returns two ``[b, k, d]`` float32 tensors: the indicators and
+``W[b, j, i] = sum_s one_hot[b, s, j, i] * g(z[b, s, i])``, the authors'
+``einsum("bnkd,bnd->bkd", one_hot, noise)`` before its division by ``S * sigma``. Every
+kernel accumulates W while it counts (it has each selected noise value at hand), so autograd
+saves W (as small as the output) and the backward op is ``einsum(grad, W / S / sigma)``:
+no noise is stored, and none has to be drawn again.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend, _philox
+from ..reference.perturbed_topk import (_forward_pieces, backward_from_sum,
+                                        check_perturbed_topk_args, expected_gradient_sum,
+                                        hard_topk, perturbed_topk_noise)
+from ._common import pick
+
+_SUPPORTED = ("reference", "cpp", "triton")
+
+
+def _reference_forward(scores, k, num_samples, sigma, noise, seed, distribution, hard):
+    b, d = scores.shape
+    if hard:
+        ind = hard_topk(scores, k)
+        return ind, torch.zeros_like(ind)
+    if noise is None:
+        noise = perturbed_topk_noise(b, num_samples, d, seed, distribution, scores.device)
+    ind, one_hot = _forward_pieces(scores, k, num_samples, sigma, noise, distribution)
+    # contiguous: the fake kernel (and the fused kernels) promise contiguous outputs
+    return ind.contiguous(), expected_gradient_sum(one_hot, noise, distribution).contiguous()
+
+
+@torch.library.custom_op("tvr::perturbed_topk", mutates_args=())
+def _perturbed_topk(scores: Tensor, k: int, num_samples: int, sigma: float, noise: Optional[Tensor],
+                    seed: int, distribution: str, hard: bool, backend: str) -> tuple[Tensor, Tensor]:
+    impl = pick("perturbed_topk", scores, backend, _SUPPORTED)
+    if impl == "reference":
+        return _reference_forward(scores, k, num_samples, sigma, noise, seed, distribution, hard)
+    if impl == "triton":
+        from ..triton.perturbed_topk import perturbed_topk_fwd
+        return perturbed_topk_fwd(scores, k, num_samples, sigma, noise, seed, distribution == "gumbel", hard)
+    return torch.ops.tvr_C.perturbed_topk_fwd(scores, k, num_samples, sigma, noise, seed,
+                                              distribution == "gumbel", hard)
+
+
+@_perturbed_topk.register_fake
+def _(scores, k, num_samples, sigma, noise, seed, distribution, hard, backend):
+    b, d = scores.shape
+    out = scores.new_empty((b, k, d), dtype=torch.float32)
+    return out, torch.empty_like(out)
+
+
+@torch.library.custom_op("tvr::perturbed_topk_backward", mutates_args=())
+def _perturbed_topk_backward(grad: Tensor, expected_grad: Tensor, num_samples: int, sigma: float,
+                             backend: str) -> Tensor:
+    impl = pick("perturbed_topk", expected_grad, backend, _SUPPORTED)
+    if impl == "reference":
+        return backward_from_sum(grad, expected_grad, num_samples, sigma).contiguous()
+    if impl == "triton":
+        from ..triton.perturbed_topk import perturbed_topk_bwd
+        return perturbed_topk_bwd(grad, expected_grad, num_samples, sigma)
+    return torch.ops.tvr_C.perturbed_topk_bwd(grad, expected_grad, num_samples, sigma)
+
+
+@_perturbed_topk_backward.register_fake
+def _(grad, expected_grad, num_samples, sigma, backend):
+    b, _, d = expected_grad.shape
+    return expected_grad.new_empty((b, d))
+
+
+def _setup_context(ctx, inputs, output):
+    scores, _, num_samples, sigma, _, _, _, hard, backend = inputs
+    ctx.num_samples, ctx.sigma, ctx.hard, ctx.backend = num_samples, sigma, hard, backend
+    ctx.scores_dtype = scores.dtype
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad, _grad_w):
+    (w,) = ctx.saved_tensors
+    if ctx.hard:  # plain top-k is piecewise constant: zero gradient (reference: _HardTopK)
+        gs = w.new_zeros((w.shape[0], w.shape[2]))
+    else:
+        gs = torch.ops.tvr.perturbed_topk_backward(grad, w, ctx.num_samples, ctx.sigma, ctx.backend)
+    return gs.to(ctx.scores_dtype), None, None, None, None, None, None, None, None
+
+
+_perturbed_topk.register_autograd(_backward, setup_context=_setup_context)
+
+
+def perturbed_topk(scores: Tensor, k: int, num_samples: int = 500, sigma: float = 0.05, *,
+                   noise: Optional[Tensor] = None, seed: Optional[int] = None,
+                   distribution: str = "normal", hard: bool = False) -> Tensor:
+    """Differentiable top-k by random perturbation (TS2-Net's token selection), fused.
+
+    For each of ``num_samples`` samples, the ``k`` largest entries of
+    ``scores + sigma * z`` are chosen and their indices sorted ascending; row ``j`` of the
+    result counts how often index ``i`` was the ``j``-th smallest chosen one, divided by ``S``.
+
+    Args:
+        scores: ``[b, d]``, any float dtype (perturbed in float32, float64 for float64).
+        k: ``1 <= k <= d``.
+        num_samples: ``S >= 1``.
+        sigma: noise scale, finite and > 0.
+        noise: optional float32 ``[b, S, d]`` standard noise used as is (bit-compatible with
+            the authors' code given their ``torch.normal`` noise); excludes ``seed``.
+        seed: key of the in-kernel Philox noise (same seed, same result on every run and, up
+            to the rounding of the noise transform, every backend). ``None`` draws one from
+            torch's default generator (so ``torch.manual_seed`` governs it; under
+            ``torch.compile(fullgraph=True)`` pass a seed).
+        distribution: ``"normal"`` or ``"gumbel"`` (standard Gumbel noise; the estimator
+            weights by ``1 - exp(-z)`` instead of ``z``).
+        hard: deterministic plain top-k (no noise; gradient zero).
+
+    Returns:
+        ``indicators``: float32 ``[b, k, d]``. Its backward is the perturbed-optimiser
+        estimator ``grad_scores[b, i] = sum_j grad[b, j, i] * sum_s onehot * g(z) / (S sigma)``.
+        Exact ties among perturbed scores go to the smaller index in the fused kernels
+        (``torch.topk`` leaves them unspecified); NaN scores are not supported.
+
+    Example::
+
+        ind = tk.perturbed_topk(torch.randn(192, 49), k=3, seed=0)   # [192, 3, 49]
+        selected = torch.einsum("bkl,bld->bkd", ind, patch_tokens)
+    """
+    check_perturbed_topk_args(scores, k, num_samples, sigma, noise, seed, distribution, hard)
+    if noise is None and not hard and seed is None:
+        seed = _philox.draw_seed()
+    ind, _ = torch.ops.tvr.perturbed_topk(scores, k, num_samples, float(sigma), noise,
+                                          0 if seed is None else seed, distribution, hard,
+                                          _backend.requested_backend())
+    return ind

@@ -1,0 +1,166 @@
+"""Perturbed top-K (SPEC 2) in Triton.
+
+Forward: one program per row; it walks the samples in blocks of ``BLOCK_S``. A block's noise
+is drawn in-kernel (one Philox call per 4 indices, the keying of
+csrc/include/tvr/perturbed_topk.h) or loaded from an injected ``noise`` tensor; the top-k of
+``scores + z * sigma`` is found by k rounds of max + smallest index attaining it (the C++
+kernel's tie rule); the chosen indices' ascending rank is a cumsum of the chosen mask, and
+the block adds its one-hot counts and ``g(z)`` sums into ``[K_PAD, BLOCK_D]`` accumulators.
+One program owns a row, so the result does not depend on scheduling (no atomics).
+
+Backward: ``grad_scores = sum_j grad * (W / S / sigma)`` from the ``W`` the forward returned.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import triton_interpret
+from .philox import box_muller, philox4x32_10, split_seed
+
+_STREAM = 0x544F504B  # TVR_PTOPK_STREAM
+
+
+@triton.jit
+def _unit_float_open01(x):
+    """uint32 -> float32 strictly inside (0, 1) (perturbed_topk.h: unit_float_open01)."""
+    return ((x >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+
+
+@triton.jit
+def _gumbel(x):
+    return -tl.log(-tl.log(_unit_float_open01(x)))
+
+
+@triton.jit
+def _noise_block(seed_lo, seed_hi, row, s, BLOCK_S: tl.constexpr, BLOCK_Q: tl.constexpr,
+                 GUMBEL: tl.constexpr):
+    """Noise ``[BLOCK_S, 4 * BLOCK_Q]`` of samples ``s`` (``[BLOCK_S]``) of ``row``: column
+    ``4q + m`` is lane m of the Philox call with counter ``(q, s, row, STREAM)``."""
+    q = tl.arange(0, BLOCK_Q)
+    zero = tl.zeros((BLOCK_S, BLOCK_Q), dtype=tl.uint32)
+    c0 = zero + q[None, :].to(tl.uint32)
+    c1 = zero + s[:, None].to(tl.uint32)
+    c2 = zero + row.to(tl.uint32)
+    c3 = zero + _STREAM
+    r0, r1, r2, r3 = philox4x32_10(c0, c1, c2, c3, seed_lo, seed_hi)
+    if GUMBEL:
+        z0, z1, z2, z3 = _gumbel(r0), _gumbel(r1), _gumbel(r2), _gumbel(r3)
+    else:
+        z0, z1 = box_muller(r0, r1)
+        z2, z3 = box_muller(r2, r3)
+    # interleave(interleave(z0, z2), interleave(z1, z3)) = [z0, z1, z2, z3] per group q, i.e.
+    # column 4q + m holds lane m. (join + reshape gives the same tile, but the interpreter
+    # then mis-broadcasts it with [:, None, :]; interleave is right on both.)
+    return tl.interleave(tl.interleave(z0, z2), tl.interleave(z1, z3))
+
+
+@triton.jit
+def _perturbed_topk_fwd_kernel(scores_ptr, noise_ptr, ind_ptr, w_ptr, d, k, S, sigma,
+                               seed_lo, seed_hi, HAS_NOISE: tl.constexpr, GUMBEL: tl.constexpr,
+                               HARD: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr,
+                               BLOCK_Q: tl.constexpr, K_PAD: tl.constexpr):
+    BLOCK_D: tl.constexpr = 4 * BLOCK_Q
+    row = tl.program_id(0)
+    row64 = row.to(tl.int64)
+    i = tl.arange(0, BLOCK_D)
+    valid_i = i < d
+    sc = tl.load(scores_ptr + row64 * d + i, mask=valid_i, other=0.0).to(ACC)
+    j = tl.arange(0, K_PAD)
+    counts = tl.zeros((K_PAD, BLOCK_D), dtype=tl.int32)
+    wacc = tl.zeros((K_PAD, BLOCK_D), dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        valid_s = s < S
+        if HARD:
+            z = tl.zeros((BLOCK_S, BLOCK_D), dtype=tl.float32)
+            p = sc[None, :] + z.to(ACC)
+        else:
+            if HAS_NOISE:
+                offs = (row64 * S + s[:, None]) * d + i[None, :]
+                z = tl.load(noise_ptr + offs, mask=valid_s[:, None] & valid_i[None, :], other=0.0)
+            else:
+                z = _noise_block(seed_lo, seed_hi, row, s, BLOCK_S, BLOCK_Q, GUMBEL)
+            # float32 z * sigma first, then the sum in ACC: the authors' rounding.
+            p = sc[None, :] + (z * sigma).to(ACC)
+        ok = valid_i[None, :] & valid_s[:, None]
+        sel = i[None, :] < 0  # all False, [BLOCK_S, BLOCK_D]
+        for _ in range(k):
+            avail = ok & (~sel)
+            m = tl.max(tl.where(avail, p, float("-inf")), axis=1)
+            cand = tl.where(avail & (p == m[:, None]), i[None, :], BLOCK_D)
+            first = tl.min(cand, axis=1)  # smallest index among equal maxima
+            sel = sel | (i[None, :] == first[:, None])
+        sel = sel & ok
+        rank = tl.cumsum(sel.to(tl.int32), axis=1) - 1  # ascending index order
+        hit = sel[:, None, :] & (rank[:, None, :] == j[None, :, None])  # [BLOCK_S, K_PAD, BLOCK_D]
+        counts += tl.sum(hit.to(tl.int32), axis=0)
+        if GUMBEL:
+            gz = 1.0 - tl.exp(-z)
+        else:
+            gz = z
+        wacc += tl.sum(tl.where(hit, gz[:, None, :], 0.0), axis=0)
+    out_offs = (row64 * k + j[:, None]) * d + i[None, :]
+    out_mask = (j[:, None] < k) & valid_i[None, :]
+    # zeros + S rather than S.to(): an int argument equal to 1 arrives as a constexpr.
+    ind = tl.math.div_rn(counts.to(tl.float32), tl.zeros_like(wacc) + S)
+    tl.store(ind_ptr + out_offs, ind, mask=out_mask)
+    tl.store(w_ptr + out_offs, wacc, mask=out_mask)
+
+
+@triton.jit
+def _perturbed_topk_bwd_kernel(g_ptr, w_ptr, out_ptr, d, k, S, sigma, BLOCK_D: tl.constexpr,
+                               K_PAD: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    j = tl.arange(0, K_PAD)
+    offs = (row * k + j[:, None]) * d + i[None, :]
+    mask = (j[:, None] < k) & (i[None, :] < d)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    ones = tl.zeros_like(w)
+    e = tl.math.div_rn(tl.math.div_rn(w, ones + S), ones + sigma)
+    tl.store(out_ptr + row * d + i, tl.sum(g * e, axis=0), mask=i < d)
+
+
+def _sample_block(S: int, block_d: int, k_pad: int) -> int:
+    if triton_interpret():  # each loop trip costs interpreter time: few, large blocks
+        return max(1, min(triton.next_power_of_2(S), 65536 // (k_pad * block_d)))
+    return max(1, min(triton.next_power_of_2(S), 64, 8192 // (k_pad * block_d)))
+
+
+def perturbed_topk_fwd(scores: torch.Tensor, k: int, num_samples: int, sigma: float,
+                       noise: torch.Tensor | None, seed: int, gumbel: bool, hard: bool):
+    """scores ``[b, d]`` -> (indicators, W), both float32 ``[b, k, d]`` (see ops module)."""
+    scores = scores.contiguous()
+    b, d = scores.shape
+    ind = torch.empty((b, k, d), device=scores.device, dtype=torch.float32)
+    w = torch.empty_like(ind)
+    if b == 0:
+        return ind, w
+    S = 1 if hard else num_samples
+    has_noise = noise is not None and not hard
+    noise_arg = noise.contiguous() if has_noise else ind  # unused pointer when no noise
+    block_q = triton.next_power_of_2((d + 3) // 4)
+    k_pad = triton.next_power_of_2(k)
+    lo, hi = split_seed(seed)
+    acc = tl.float64 if scores.dtype == torch.float64 else tl.float32
+    _perturbed_topk_fwd_kernel[(b,)](
+        scores, noise_arg, ind, w, d, k, S, sigma, lo, hi, HAS_NOISE=has_noise, GUMBEL=gumbel,
+        HARD=hard, ACC=acc, BLOCK_S=_sample_block(S, 4 * block_q, k_pad), BLOCK_Q=block_q,
+        K_PAD=k_pad)
+    return ind, w
+
+
+def perturbed_topk_bwd(grad: torch.Tensor, w: torch.Tensor, num_samples: int, sigma: float):
+    """grad ``[b, k, d]``, W ``[b, k, d]`` -> grad_scores float32 ``[b, d]``."""
+    grad, w = grad.contiguous(), w.contiguous()
+    b, k, d = w.shape
+    out = torch.empty((b, d), device=w.device, dtype=torch.float32)
+    if b == 0:
+        return out
+    k_pad = triton.next_power_of_2(k)
+    block_d = triton.next_power_of_2(d) if triton_interpret() else max(1, min(
+        triton.next_power_of_2(d), 4096 // k_pad))
+    _perturbed_topk_bwd_kernel[(b, triton.cdiv(d, block_d))](
+        grad, w, out, d, k, num_samples, sigma, BLOCK_D=block_d, K_PAD=k_pad)
+    return out
