@@ -138,10 +138,16 @@ TVR_SK_INLINE T k_log(const T* x, int64_t n, const T* g, T* colacc, T* buf) {
   return -(vmax + std::log(s));
 }
 
-// Backward row of step t (see the header comment). dl is written (first) or accumulated.
-template <typename T>
-TVR_SK_INLINE void k_bwd(const T* x, int64_t n, T f, const T* gt, const T* gp, const T* dgt,
-                         T df_in, T* dl, bool first, T* colacc, T* buf) {
+// Backward row of step t (see the header comment). dl is written (FIRST) or accumulated.
+// With `ratio` (RATIO), Pf = Pg * ratio_j, ratio = exp(g_{t-1} - g_t): one exp per logit
+// instead of two. g_{t-1} - g_t = log(column sums of a row-stochastic plan) <= log(Nq), so
+// the factor is bounded and Pf = Pg ratio is exact up to rounding wherever Pg has not
+// underflowed; where it has, the true Pf is below exp(-104 + log Nq): an absolute error far
+// below the gradient's rounding. The driver checks the bound (< 60) and falls back to two
+// exps when it fails, which only non-finite (probability-domain overflow) potentials do.
+template <bool FIRST, bool RATIO, typename T>
+TVR_SK_INLINE void k_bwd_t(const T* x, int64_t n, T f, const T* gt, const T* gp, const T* ratio,
+                           const T* dgt, T df_in, T* dl, T* colacc, T* buf) {
   T dot = 0;
 #pragma omp simd reduction(+ : dot)
   for (int64_t j = 0; j < n; ++j) {
@@ -150,20 +156,33 @@ TVR_SK_INLINE void k_bwd(const T* x, int64_t n, T f, const T* gt, const T* gp, c
     dot += pg * dgt[j];
   }
   const T df = df_in - dot;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    T pf;
+    if constexpr (RATIO) {
+      pf = buf[j] * ratio[j];
+    } else {
+      pf = sk_exp(x[j] + f + gp[j]);
+    }
+    const T d = -dgt[j] * buf[j] - df * pf;
+    if constexpr (FIRST) {
+      dl[j] = d;
+    } else {
+      dl[j] += d;
+    }
+    colacc[j] -= df * pf;
+  }
+}
+
+template <typename T>
+TVR_SK_INLINE void k_bwd(const T* x, int64_t n, T f, const T* gt, const T* gp, const T* ratio,
+                         const T* dgt, T df_in, T* dl, bool first, T* colacc, T* buf) {
   if (first) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      const T pf = sk_exp(x[j] + f + gp[j]);
-      dl[j] = -dgt[j] * buf[j] - df * pf;
-      colacc[j] -= df * pf;
-    }
+    if (ratio) k_bwd_t<true, true>(x, n, f, gt, gp, ratio, dgt, df_in, dl, colacc, buf);
+    else k_bwd_t<true, false>(x, n, f, gt, gp, ratio, dgt, df_in, dl, colacc, buf);
   } else {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      const T pf = sk_exp(x[j] + f + gp[j]);
-      dl[j] += -dgt[j] * buf[j] - df * pf;
-      colacc[j] -= df * pf;
-    }
+    if (ratio) k_bwd_t<false, true>(x, n, f, gt, gp, ratio, dgt, df_in, dl, colacc, buf);
+    else k_bwd_t<false, false>(x, n, f, gt, gp, ratio, dgt, df_in, dl, colacc, buf);
   }
 }
 
@@ -183,9 +202,9 @@ TVR_SK_INLINE void k_bwd0(const T* x, int64_t n, const T* g0, const T* dg0, T* d
     return k_prob(x, n, m, b, acc, kb);                                                         \
   }                                                                                             \
   ATTR T r_log(const T* x, int64_t n, const T* g, T* acc, T* buf) { return k_log(x, n, g, acc, buf); } \
-  ATTR void r_bwd(const T* x, int64_t n, T f, const T* gt, const T* gp, const T* dgt, T df_in,  \
-                  T* dl, bool first, T* acc, T* buf) {                                          \
-    k_bwd(x, n, f, gt, gp, dgt, df_in, dl, first, acc, buf);                                    \
+  ATTR void r_bwd(const T* x, int64_t n, T f, const T* gt, const T* gp, const T* ratio,        \
+                  const T* dgt, T df_in, T* dl, bool first, T* acc, T* buf) {                   \
+    k_bwd(x, n, f, gt, gp, ratio, dgt, df_in, dl, first, acc, buf);                             \
   }                                                                                             \
   ATTR void r_bwd0(const T* x, int64_t n, const T* g0, const T* dg0, T* dl) { k_bwd0(x, n, g0, dg0, dl); }
 
@@ -370,15 +389,24 @@ at::Tensor sinkhorn_knopp_bwd_cpu(const at::Tensor& logits_in, const at::Tensor&
     acc_t* D = dL.mutable_data_ptr<acc_t>();
     Scratch<acc_t> sc(num_chunks(Nq, Nv), Nv);
     std::vector<acc_t> dg(dG_T.const_data_ptr<acc_t>(), dG_T.const_data_ptr<acc_t>() + Nv);
-    std::vector<acc_t> dgp(Nv);
+    std::vector<acc_t> dgp(Nv), ratio(Nv);
     for (int64_t t = T; t >= 1; --t) {
       const acc_t* f = F + (t - 1) * Nq;
       const acc_t* gt = G + t * Nv;
       const acc_t* gp = G + (t - 1) * Nv;
       const bool first = t == T;
+      // Pf = Pg exp(g_{t-1} - g_t) when that factor is safely bounded (see k_bwd_t)
+      acc_t max_step = -std::numeric_limits<acc_t>::infinity();
+      for (int64_t j = 0; j < Nv; ++j) {
+        ratio[j] = gp[j] - gt[j];
+        max_step = std::max(max_step, ratio[j]);
+      }
+      const bool use_ratio = max_step < acc_t(60) && std::isfinite(max_step);
+      if (use_ratio)
+        for (int64_t j = 0; j < Nv; ++j) ratio[j] = std::exp(ratio[j]);
       sc.zero();
       for_rows<acc_t>(L, Nq, Nv, sc, [&](int64_t i, const acc_t* x, int64_t c) {
-        r_bwd(x, Nv, f[i], gt, gp, dg.data(), first ? dFT[i] : acc_t(0), D + i * Nv, first,
+        r_bwd(x, Nv, f[i], gt, gp, use_ratio ? ratio.data() : nullptr, dg.data(), first ? dFT[i] : acc_t(0), D + i * Nv, first,
               sc.acc(c), sc.buf(c));
       });
       sc.reduce(dgp.data());
