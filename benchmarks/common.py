@@ -39,6 +39,10 @@ class Case:
     reference: Callable | None = None
     fused: Callable | None = None
     note: str = ""
+    # Calls before the clock starts (>= 1 where torch.compile must compile) and the least
+    # number of timed calls: lower them for cases whose reference takes minutes per call.
+    warmup: int = 3
+    min_reps: int = 5
 
 
 def _outputs(out) -> list[torch.Tensor]:
@@ -124,7 +128,7 @@ def measure(case: Case, mode: str, provider: str, device: str, min_time: float =
             for k in case.grad_args:
                 inputs[k].grad = None
 
-    for _ in range(3):  # warm-up (and compilation)
+    for _ in range(max(case.warmup, 1 if provider == "compile" else 0)):  # warm-up, compilation
         step()
     _sync(device)
 
@@ -135,6 +139,7 @@ def measure(case: Case, mode: str, provider: str, device: str, min_time: float =
         have_reset = _reset_peak_rss()
         base = _rss_kb("VmRSS")
     times = []
+    min_reps = min(min_reps, case.min_reps)
     t_end = time.perf_counter() + min_time
     while len(times) < min_reps or (time.perf_counter() < t_end and len(times) < max_reps):
         if device == "cuda":
