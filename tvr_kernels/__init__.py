@@ -5,9 +5,10 @@ for ``torch.compile``, a pure-PyTorch reference (:mod:`tvr_kernels.reference`), 
 kernel and a Triton kernel. ``use_backend`` forces one implementation.
 """
 from ._backend import available_backends, use_backend, warn_if_pure_python
+from .ops.isa import bi_isa, isa
 from .ops.token_shift import token_shift
 
-__all__ = ["available_backends", "use_backend", "token_shift"]
+__all__ = ["available_backends", "use_backend", "bi_isa", "isa", "token_shift"]
 __version__ = "0.1.0"
 
 warn_if_pure_python()
