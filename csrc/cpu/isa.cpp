@@ -15,12 +15,23 @@
 
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "tvr/isa.h"
 
 namespace tvr {
 namespace {
+
+// Hot loops are compiled once per instruction-set level and picked at load time (GCC
+// function multiversioning), so the default x86-64 build still runs AVX2 / AVX-512 code where
+// the CPU has it. The row helpers of tvr/isa.h are always_inline, so they inherit the clone's
+// instruction set.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define TVR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define TVR_CLONES
+#endif
 
 // Compute dtype: float for half/bfloat16/float inputs, double for double.
 at::ScalarType acc_type(const at::Tensor& t) {
@@ -41,6 +52,69 @@ void check_isa(const at::Tensor& x, const at::Tensor& W) {
 // Rows per task: enough work (~16k multiply-adds) to amortise the scheduling.
 int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, n * n)); }
 
+template <int N, typename T>
+TVR_ROW void rows_forward_n(const T* x, int64_t n, const T* W, T s, int64_t begin, int64_t end, T* y) {
+  std::vector<T> scratch(2 * n);
+  for (int64_t r = begin; r < end; ++r)
+    y[r] = isa_row_forward<N>(x + r * n, n, W, s, scratch.data(), scratch.data() + n);
+}
+
+// n = 12 (frames) gets a compile-time instance.
+template <typename T>
+TVR_ROW void rows_forward(const T* x, int64_t n, const T* W, T s, int64_t begin, int64_t end, T* y) {
+  if (n == 12) rows_forward_n<12>(x, n, W, s, begin, end, y);
+  else rows_forward_n<0>(x, n, W, s, begin, end, y);
+}
+
+template <int N, typename T>
+TVR_ROW void rows_backward_n(const T* x, int64_t n, const T* W, const T* WT, T s, const T* gy,
+                             int64_t begin, int64_t end, T* gx, T* gW) {
+  std::vector<T> scratch(4 * n);
+  T *a = scratch.data(), *w = a + n, *row = w + n;
+  for (int64_t r = begin; r < end; ++r) {
+    const T y = isa_row_forward<N>(x + r * n, n, W, s, a, w);
+    isa_row_backward<N>(x + r * n, n, WT, s, gy[r], a, w, y, gx + r * n, gW, row);
+  }
+}
+
+template <typename T>
+TVR_ROW void rows_backward(const T* x, int64_t n, const T* W, const T* WT, T s, const T* gy,
+                           int64_t begin, int64_t end, T* gx, T* gW) {
+  if (n == 12) rows_backward_n<12>(x, n, W, WT, s, gy, begin, end, gx, gW);
+  else rows_backward_n<0>(x, n, W, WT, s, gy, begin, end, gx, gW);
+}
+
+TVR_CLONES void rows_forward_f32(const float* x, int64_t n, const float* W, float s, int64_t b,
+                                 int64_t e, float* y) {
+  rows_forward(x, n, W, s, b, e, y);
+}
+TVR_CLONES void rows_backward_f32(const float* x, int64_t n, const float* W, const float* WT,
+                                  float s, const float* gy, int64_t b, int64_t e, float* gx,
+                                  float* gW) {
+  rows_backward(x, n, W, WT, s, gy, b, e, gx, gW);
+}
+void rows_forward_f64(const double* x, int64_t n, const double* W, double s, int64_t b, int64_t e,
+                      double* y) {
+  rows_forward(x, n, W, s, b, e, y);
+}
+void rows_backward_f64(const double* x, int64_t n, const double* W, const double* WT, double s,
+                       const double* gy, int64_t b, int64_t e, double* gx, double* gW) {
+  rows_backward(x, n, W, WT, s, gy, b, e, gx, gW);
+}
+
+template <typename T>
+void run_rows_forward(const T* x, int64_t n, const T* W, T s, int64_t b, int64_t e, T* y) {
+  if constexpr (std::is_same_v<T, float>) rows_forward_f32(x, n, W, s, b, e, y);
+  else rows_forward_f64(x, n, W, s, b, e, y);
+}
+
+template <typename T>
+void run_rows_backward(const T* x, int64_t n, const T* W, const T* WT, T s, const T* gy, int64_t b,
+                       int64_t e, T* gx, T* gW) {
+  if constexpr (std::is_same_v<T, float>) rows_backward_f32(x, n, W, WT, s, gy, b, e, gx, gW);
+  else rows_backward_f64(x, n, W, WT, s, gy, b, e, gx, gW);
+}
+
 at::Tensor isa_fwd_cpu(const at::Tensor& sim, const at::Tensor& weight, double tau) {
   check_isa(sim, weight);
   const auto acc = acc_type(sim);
@@ -53,9 +127,7 @@ at::Tensor isa_fwd_cpu(const at::Tensor& sim, const at::Tensor& weight, double t
     const scalar_t* Wp = W.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, R, row_grain(n), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> scratch(2 * n);
-      for (int64_t r = begin; r < end; ++r)
-        yp[r] = isa_row_forward(xp + r * n, n, Wp, s, scratch.data(), scratch.data() + n);
+      run_rows_forward(xp, n, Wp, s, begin, end, yp);
     });
   });
   return y.to(sim.scalar_type());
@@ -70,8 +142,8 @@ std::tuple<at::Tensor, at::Tensor> isa_bwd_cpu(const at::Tensor& grad, const at:
   const at::Tensor WT = W.t().contiguous();
   const int64_t R = x.size(0), n = x.size(1);
   at::Tensor gx = at::empty_like(x);
-  const int64_t nthreads = at::get_num_threads();
-  at::Tensor gW_part = at::zeros({nthreads, n, n}, x.options());
+  // Per-thread weight-gradient accumulators, summed at the end.
+  at::Tensor gW_part = at::zeros({at::get_num_threads(), n, n}, x.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "isa_bwd", [&] {
     const scalar_t s = static_cast<scalar_t>(1.0 / tau);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -81,10 +153,8 @@ std::tuple<at::Tensor, at::Tensor> isa_bwd_cpu(const at::Tensor& grad, const at:
     scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
     scalar_t* gWp = gW_part.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, R, row_grain(n), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> scratch(4 * n);
       scalar_t* gW = gWp + at::get_thread_num() * n * n;
-      for (int64_t r = begin; r < end; ++r)
-        isa_row_backward(xp + r * n, n, Wp, WTp, s, gp[r], gxp + r * n, gW, scratch.data());
+      run_rows_backward(xp, n, Wp, WTp, s, gp, begin, end, gxp, gW);
     });
   });
   return {gx.to(sim.scalar_type()), gW_part.sum(0).to(weight.scalar_type())};
@@ -120,45 +190,165 @@ std::pair<int64_t, int64_t> block_sizes(const BiGeometry& g) {
   return {tb, vb};
 }
 
-// Per-thread scratch of one pair: the tile [L, P], its transpose [P, L], the first-stage
-// outputs yA [P] and yB [L], and row scratch (4 max(L, P) values).
+// Everything a pair needs besides its tile: sizes, the four weights and their transposes.
+template <typename T>
+struct BiCtx {
+  int64_t L, P, ld;  // ld: leading dimension of the G block
+  const T *ww, *pw, *ww2, *pw2, *wwT, *pwT, *ww2T, *pw2T;
+  T s;  // 1 / tau
+};
+
+// Per-thread scratch of one pair: the tile [L, P] and its transpose [P, L] (so the word-axis
+// ISA, over the tile's columns, also reads contiguous rows), the first stages' softmaxes
+// (kept for the backward), their outputs yA [P] and yB [L], the second stages' softmaxes, and
+// the gradients.
 template <typename T>
 struct PairScratch {
   std::vector<T> buf;
-  T *tile, *tileT, *yA, *yB, *row, *gyA, *gyB, *gtile, *gtileT;
+  T *tile, *tileT, *aA, *wA, *aB, *wB, *gtile, *gtileT, *yA, *yB, *gyA, *gyB, *a2A, *w2A, *a2B,
+      *w2B, *row;
   PairScratch(int64_t L, int64_t P) {
-    const int64_t m = std::max(L, P);
-    buf.resize(4 * L * P + 2 * (L + P) + 4 * m);
-    tile = buf.data();
-    tileT = tile + L * P;
-    gtile = tileT + L * P;
-    gtileT = gtile + L * P;
-    yA = gtileT + L * P;
-    yB = yA + P;
-    gyA = yB + L;
-    gyB = gyA + P;
-    row = gyB + L;
-  }
-  // Copy the pair's [L, P] tile out of the block (leading dimension ld) and transpose it, so
-  // the word-axis ISA (columns of the tile) also reads contiguous rows.
-  void load(const T* G, int64_t ld, int64_t L, int64_t P) {
-    for (int64_t l = 0; l < L; ++l)
-      for (int64_t p = 0; p < P; ++p) {
-        const T v = G[l * ld + p];
-        tile[l * P + p] = v;
-        tileT[p * L + l] = v;
-      }
+    const int64_t LP = L * P;
+    buf.resize(8 * LP + 4 * (L + P) + 2 * std::max(L, P));
+    T* q = buf.data();
+    for (T** p : {&tile, &tileT, &aA, &wA, &aB, &wB, &gtile, &gtileT}) { *p = q; q += LP; }
+    for (T** p : {&yA, &gyA, &a2A, &w2A}) { *p = q; q += P; }
+    for (T** p : {&yB, &gyB, &a2B, &w2B}) { *p = q; q += L; }
+    row = q;
   }
 };
 
-// Both paths' first stages: yA[p] = ISA over words of column p (word_weight), yB[l] = ISA over
-// patches of row l (patch_weight). The second stages run on yA and yB.
+// Forward of one pair from its tile Gt (rows l, leading dimension c.ld): both paths' first
+// stages (softmaxes kept in S), then the second stages. Returns (sA + sB) / 2.
+template <int LN, int PN, typename T>
+TVR_ROW T pair_forward(const T* Gt, const BiCtx<T>& c, PairScratch<T>& S, T* sA, T* sB) {
+  const int64_t L = LN > 0 ? LN : c.L, P = PN > 0 ? PN : c.P;
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t p = 0; p < P; ++p) {
+      const T v = Gt[l * c.ld + p];
+      S.tile[l * P + p] = v;
+      S.tileT[p * L + l] = v;
+    }
+  // Path A, stage 1: ISA over words (column p of the tile) with word_weight -> yA [P].
+  for (int64_t p = 0; p < P; ++p)
+    S.yA[p] = isa_row_forward<LN>(S.tileT + p * L, L, c.ww, c.s, S.aA + p * L, S.wA + p * L);
+  // Path B, stage 1: ISA over patches (row l) with patch_weight -> yB [L].
+  for (int64_t l = 0; l < L; ++l)
+    S.yB[l] = isa_row_forward<PN>(S.tile + l * P, P, c.pw, c.s, S.aB + l * P, S.wB + l * P);
+  *sA = isa_row_forward<PN>(S.yA, P, c.pw2, c.s, S.a2A, S.w2A);
+  *sB = isa_row_forward<LN>(S.yB, L, c.ww2, c.s, S.a2B, S.w2B);
+  return (*sA + *sB) / 2;
+}
+
+// Backward of one pair given its output gradient g: overwrites the tile Gt with dL/dG and
+// adds the four weight gradients to gW = [gww (L*L), gpw (P*P), gww2 (L*L), gpw2 (P*P)].
+template <int LN, int PN, typename T>
+TVR_ROW void pair_backward(T* Gt, const BiCtx<T>& c, PairScratch<T>& S, T g, T* gW) {
+  const int64_t L = LN > 0 ? LN : c.L, P = PN > 0 ? PN : c.P;
+  T* gww = gW;
+  T* gpw = gW + L * L;
+  T* gww2 = gpw + P * P;
+  T* gpw2 = gww2 + L * L;
+  T sA, sB;
+  pair_forward<LN, PN>(Gt, c, S, &sA, &sB);
+  const T half = g / 2;  // out = (sA + sB) / 2
+  isa_row_backward<PN>(S.yA, P, c.pw2T, c.s, half, S.a2A, S.w2A, sA, S.gyA, gpw2, S.row);
+  isa_row_backward<LN>(S.yB, L, c.ww2T, c.s, half, S.a2B, S.w2B, sB, S.gyB, gww2, S.row);
+  for (int64_t p = 0; p < P; ++p)
+    isa_row_backward<LN>(S.tileT + p * L, L, c.wwT, c.s, S.gyA[p], S.aA + p * L, S.wA + p * L,
+                     S.yA[p], S.gtileT + p * L, gww, S.row);
+  for (int64_t l = 0; l < L; ++l)
+    isa_row_backward<PN>(S.tile + l * P, P, c.pwT, c.s, S.gyB[l], S.aB + l * P, S.wB + l * P,
+                     S.yB[l], S.gtile + l * P, gpw, S.row);
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t p = 0; p < P; ++p) Gt[l * c.ld + p] = S.gtile[l * P + p] + S.gtileT[p * L + l];
+}
+
+// Pairs [begin, end) of a block with vb videos: pair = t * vb + v, its tile at
+// G + t*L*ld + v*P, its output at out[t * out_ld + v].
+template <int LN, int PN, typename T>
+TVR_ROW void pairs_forward_n(const T* G, const BiCtx<T>& c, int64_t vb, int64_t begin,
+                             int64_t end, T* out, int64_t out_ld) {
+  PairScratch<T> S(c.L, c.P);
+  T sA, sB;
+  for (int64_t pair = begin; pair < end; ++pair) {
+    const int64_t t = pair / vb, v = pair % vb;
+    out[t * out_ld + v] = pair_forward<LN, PN>(G + t * c.L * c.ld + v * c.P, c, S, &sA, &sB);
+  }
+}
+
+template <int LN, int PN, typename T>
+TVR_ROW void pairs_backward_n(T* G, const BiCtx<T>& c, int64_t vb, int64_t begin, int64_t end,
+                              const T* grad, int64_t grad_ld, T* gW) {
+  PairScratch<T> S(c.L, c.P);
+  for (int64_t pair = begin; pair < end; ++pair) {
+    const int64_t t = pair / vb, v = pair % vb;
+    pair_backward<LN, PN>(G + t * c.L * c.ld + v * c.P, c, S, grad[t * grad_ld + v], gW);
+  }
+}
+
+// The papers' L = 32 words and P = 48 patches get a compile-time instance.
 template <typename T>
-void first_stages(PairScratch<T>& S, int64_t L, int64_t P, const T* ww, const T* pw, T s) {
-  T* a = S.row;
-  T* w = S.row + std::max(L, P);
-  for (int64_t p = 0; p < P; ++p) S.yA[p] = isa_row_forward(S.tileT + p * L, L, ww, s, a, w);
-  for (int64_t l = 0; l < L; ++l) S.yB[l] = isa_row_forward(S.tile + l * P, P, pw, s, a, w);
+TVR_ROW void pairs_forward(const T* G, const BiCtx<T>& c, int64_t vb, int64_t begin, int64_t end,
+                           T* out, int64_t out_ld) {
+  if (c.L == 32 && c.P == 48) pairs_forward_n<32, 48>(G, c, vb, begin, end, out, out_ld);
+  else pairs_forward_n<0, 0>(G, c, vb, begin, end, out, out_ld);
+}
+
+template <typename T>
+TVR_ROW void pairs_backward(T* G, const BiCtx<T>& c, int64_t vb, int64_t begin, int64_t end,
+                            const T* grad, int64_t grad_ld, T* gW) {
+  if (c.L == 32 && c.P == 48) pairs_backward_n<32, 48>(G, c, vb, begin, end, grad, grad_ld, gW);
+  else pairs_backward_n<0, 0>(G, c, vb, begin, end, grad, grad_ld, gW);
+}
+
+TVR_CLONES void pairs_forward_f32(const float* G, const BiCtx<float>& c, int64_t vb, int64_t begin,
+                                  int64_t end, float* out, int64_t out_ld) {
+  pairs_forward(G, c, vb, begin, end, out, out_ld);
+}
+void pairs_forward_f64(const double* G, const BiCtx<double>& c, int64_t vb, int64_t begin,
+                       int64_t end, double* out, int64_t out_ld) {
+  pairs_forward(G, c, vb, begin, end, out, out_ld);
+}
+TVR_CLONES void pairs_backward_f32(float* G, const BiCtx<float>& c, int64_t vb, int64_t begin,
+                                   int64_t end, const float* grad, int64_t grad_ld, float* gW) {
+  pairs_backward(G, c, vb, begin, end, grad, grad_ld, gW);
+}
+void pairs_backward_f64(double* G, const BiCtx<double>& c, int64_t vb, int64_t begin, int64_t end,
+                        const double* grad, int64_t grad_ld, double* gW) {
+  pairs_backward(G, c, vb, begin, end, grad, grad_ld, gW);
+}
+
+template <typename T>
+void run_pairs_forward(const T* G, const BiCtx<T>& c, int64_t vb, int64_t b, int64_t e, T* out,
+                       int64_t out_ld) {
+  if constexpr (std::is_same_v<T, float>) pairs_forward_f32(G, c, vb, b, e, out, out_ld);
+  else pairs_forward_f64(G, c, vb, b, e, out, out_ld);
+}
+
+template <typename T>
+void run_pairs_backward(T* G, const BiCtx<T>& c, int64_t vb, int64_t b, int64_t e, const T* grad,
+                        int64_t grad_ld, T* gW) {
+  if constexpr (std::is_same_v<T, float>) pairs_backward_f32(G, c, vb, b, e, grad, grad_ld, gW);
+  else pairs_backward_f64(G, c, vb, b, e, grad, grad_ld, gW);
+}
+
+template <typename T>
+BiCtx<T> make_ctx(const BiGeometry& g, const at::Tensor* w, const at::Tensor* wT, double tau) {
+  BiCtx<T> c;
+  c.L = g.L;
+  c.P = g.P;
+  c.ld = 0;
+  c.ww = w[0].const_data_ptr<T>();
+  c.pw = w[1].const_data_ptr<T>();
+  c.ww2 = w[2].const_data_ptr<T>();
+  c.pw2 = w[3].const_data_ptr<T>();
+  c.wwT = wT[0].const_data_ptr<T>();
+  c.pwT = wT[1].const_data_ptr<T>();
+  c.ww2T = wT[2].const_data_ptr<T>();
+  c.pw2T = wT[3].const_data_ptr<T>();
+  c.s = static_cast<T>(1.0 / tau);
+  return c;
 }
 
 at::Tensor bi_isa_fwd_cpu(const at::Tensor& words_in, const at::Tensor& patches_in,
@@ -167,39 +357,27 @@ at::Tensor bi_isa_fwd_cpu(const at::Tensor& words_in, const at::Tensor& patches_
   const BiGeometry g = check_bi(words_in, patches_in, ww_in, pw_in, ww2_in, pw2_in);
   const auto acc = acc_type(words_in);
   const at::Tensor words = as_acc(words_in, acc), patches = as_acc(patches_in, acc);
-  const at::Tensor ww = as_acc(ww_in, acc), pw = as_acc(pw_in, acc), ww2 = as_acc(ww2_in, acc),
-                   pw2 = as_acc(pw2_in, acc);
+  const at::Tensor w[4] = {as_acc(ww_in, acc), as_acc(pw_in, acc), as_acc(ww2_in, acc),
+                           as_acc(pw2_in, acc)};
   at::Tensor out = at::empty({g.Bt, g.Bv}, words.options());
   if (g.Bt == 0 || g.Bv == 0) return out.to(words_in.scalar_type());
   const auto [tb_max, vb_max] = block_sizes(g);
   const at::Tensor words2d = words.view({g.Bt * g.L, g.D});
   const at::Tensor patches2d = patches.view({g.Bv * g.P, g.D});
   AT_DISPATCH_FLOATING_TYPES(acc, "bi_isa_fwd", [&] {
-    const scalar_t s = static_cast<scalar_t>(1.0 / tau);
+    BiCtx<scalar_t> c = make_ctx<scalar_t>(g, w, w, tau);  // forward never reads the transposes
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    const scalar_t *wwp = ww.const_data_ptr<scalar_t>(), *pwp = pw.const_data_ptr<scalar_t>(),
-                   *ww2p = ww2.const_data_ptr<scalar_t>(), *pw2p = pw2.const_data_ptr<scalar_t>();
     for (int64_t t0 = 0; t0 < g.Bt; t0 += tb_max) {
       const int64_t tb = std::min(tb_max, g.Bt - t0);
       for (int64_t v0 = 0; v0 < g.Bv; v0 += vb_max) {
         const int64_t vb = std::min(vb_max, g.Bv - v0);
-        // G block [tb*L, vb*P]: row t*L + l, column v*P + p (pair-local t, v).
+        // G block [tb*L, vb*P]: row t*L + l, column v*P + p (block-local t, v).
         const at::Tensor G = at::mm(words2d.narrow(0, t0 * g.L, tb * g.L),
                                     patches2d.narrow(0, v0 * g.P, vb * g.P).t());
         const scalar_t* Gp = G.const_data_ptr<scalar_t>();
-        const int64_t ld = vb * g.P;
+        c.ld = vb * g.P;
         at::parallel_for(0, tb * vb, 1, [&](int64_t begin, int64_t end) {
-          PairScratch<scalar_t> S(g.L, g.P);
-          scalar_t* a = S.row;
-          scalar_t* w = S.row + std::max(g.L, g.P);
-          for (int64_t pair = begin; pair < end; ++pair) {
-            const int64_t t = pair / vb, v = pair % vb;
-            S.load(Gp + t * g.L * ld + v * g.P, ld, g.L, g.P);
-            first_stages(S, g.L, g.P, wwp, pwp, s);
-            const scalar_t sa = isa_row_forward(S.yA, g.P, pw2p, s, a, w);
-            const scalar_t sb = isa_row_forward(S.yB, g.L, ww2p, s, a, w);
-            op[(t0 + t) * g.Bv + v0 + v] = (sa + sb) / 2;
-          }
+          run_pairs_forward(Gp, c, vb, begin, end, op + t0 * g.Bv + v0, g.Bv);
         });
       }
     }
@@ -217,12 +395,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto acc = acc_type(words_in);
   const at::Tensor grad = as_acc(grad_in, acc);
   const at::Tensor words = as_acc(words_in, acc), patches = as_acc(patches_in, acc);
-  const at::Tensor ww = as_acc(ww_in, acc), pw = as_acc(pw_in, acc), ww2 = as_acc(ww2_in, acc),
-                   pw2 = as_acc(pw2_in, acc);
-  const at::Tensor wwT = ww.t().contiguous(), pwT = pw.t().contiguous(),
-                   ww2T = ww2.t().contiguous(), pw2T = pw2.t().contiguous();
+  const at::Tensor w[4] = {as_acc(ww_in, acc), as_acc(pw_in, acc), as_acc(ww2_in, acc),
+                           as_acc(pw2_in, acc)};
+  const at::Tensor wT[4] = {w[0].t().contiguous(), w[1].t().contiguous(), w[2].t().contiguous(),
+                            w[3].t().contiguous()};
   at::Tensor gwords = at::zeros_like(words), gpatches = at::zeros_like(patches);
-  // Per-thread weight-gradient accumulators: [threads, L*L + P*P + L*L + P*P].
+  // Per-thread weight-gradient accumulators [threads, L*L + P*P + L*L + P*P], summed at the end.
   const int64_t nthreads = at::get_num_threads();
   const int64_t LL = g.L * g.L, PP = g.P * g.P;
   at::Tensor gW_part = at::zeros({nthreads, 2 * (LL + PP)}, words.options());
@@ -233,12 +411,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::Tensor gwords2d = gwords.view({g.Bt * g.L, g.D});
     at::Tensor gpatches2d = gpatches.view({g.Bv * g.P, g.D});
     AT_DISPATCH_FLOATING_TYPES(acc, "bi_isa_bwd", [&] {
-      const scalar_t s = static_cast<scalar_t>(1.0 / tau);
+      BiCtx<scalar_t> c = make_ctx<scalar_t>(g, w, wT, tau);
       const scalar_t* gp = grad.const_data_ptr<scalar_t>();
-      const scalar_t *wwp = ww.const_data_ptr<scalar_t>(), *pwp = pw.const_data_ptr<scalar_t>(),
-                     *ww2p = ww2.const_data_ptr<scalar_t>(), *pw2p = pw2.const_data_ptr<scalar_t>();
-      const scalar_t *wwTp = wwT.const_data_ptr<scalar_t>(), *pwTp = pwT.const_data_ptr<scalar_t>(),
-                     *ww2Tp = ww2T.const_data_ptr<scalar_t>(), *pw2Tp = pw2T.const_data_ptr<scalar_t>();
       scalar_t* gWbase = gW_part.mutable_data_ptr<scalar_t>();
       for (int64_t t0 = 0; t0 < g.Bt; t0 += tb_max) {
         const int64_t tb = std::min(tb_max, g.Bt - t0);
@@ -246,35 +420,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         for (int64_t v0 = 0; v0 < g.Bv; v0 += vb_max) {
           const int64_t vb = std::min(vb_max, g.Bv - v0);
           const at::Tensor pblk = patches2d.narrow(0, v0 * g.P, vb * g.P);
-          // Recompute the block of G, then overwrite each tile with dL/dG.
+          // Recompute the block of G; each pair then overwrites its tile with dL/dG.
           at::Tensor G = at::mm(wblk, pblk.t());
           scalar_t* Gp = G.mutable_data_ptr<scalar_t>();
-          const int64_t ld = vb * g.P;
+          c.ld = vb * g.P;
           at::parallel_for(0, tb * vb, 1, [&](int64_t begin, int64_t end) {
-            PairScratch<scalar_t> S(g.L, g.P);
-            scalar_t* gW = gWbase + at::get_thread_num() * 2 * (LL + PP);
-            scalar_t *gww = gW, *gpw = gW + LL, *gww2 = gW + LL + PP, *gpw2 = gW + 2 * LL + PP;
-            for (int64_t pair = begin; pair < end; ++pair) {
-              const int64_t t = pair / vb, v = pair % vb;
-              scalar_t* Gt = Gp + t * g.L * ld + v * g.P;
-              S.load(Gt, ld, g.L, g.P);
-              first_stages(S, g.L, g.P, wwp, pwp, s);
-              // out = (sA + sB) / 2: each path's second stage gets half the pair's gradient.
-              const scalar_t half = gp[(t0 + t) * g.Bv + v0 + v] / 2;
-              isa_row_backward(S.yA, g.P, pw2p, pw2Tp, s, half, S.gyA, gpw2, S.row);
-              isa_row_backward(S.yB, g.L, ww2p, ww2Tp, s, half, S.gyB, gww2, S.row);
-              for (int64_t p = 0; p < g.P; ++p)
-                isa_row_backward(S.tileT + p * g.L, g.L, wwp, wwTp, s, S.gyA[p],
-                                 S.gtileT + p * g.L, gww, S.row);
-              for (int64_t l = 0; l < g.L; ++l)
-                isa_row_backward(S.tile + l * g.P, g.P, pwp, pwTp, s, S.gyB[l],
-                                 S.gtile + l * g.P, gpw, S.row);
-              for (int64_t l = 0; l < g.L; ++l)
-                for (int64_t p = 0; p < g.P; ++p)
-                  Gt[l * ld + p] = S.gtile[l * g.P + p] + S.gtileT[p * g.L + l];
-            }
+            run_pairs_backward(Gp, c, vb, begin, end, gp + t0 * g.Bv + v0, g.Bv,
+                               gWbase + at::get_thread_num() * 2 * (LL + PP));
           });
-          // G now holds dL/dG of the block: G[t, l, v, p] = <words[t, l], patches[v, p]>.
+          // G[t, l, v, p] = <words[t, l], patches[v, p]>, so with dG in place of G:
           gwords2d.narrow(0, t0 * g.L, tb * g.L).addmm_(G, pblk);
           gpatches2d.narrow(0, v0 * g.P, vb * g.P).addmm_(G.t(), wblk);
         }
