@@ -49,8 +49,9 @@ void check_isa(const at::Tensor& x, const at::Tensor& W) {
               "isa: weight must be [n, n] with n = ", x.size(1), ", got ", W.sizes());
 }
 
-// Rows per task: enough work (~16k multiply-adds) to amortise the scheduling.
-int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, n * n)); }
+// Rows per task: enough work (~64k multiply-adds) to amortise the scheduling (and the
+// per-task reduction of the backward's per-lane weight gradient).
+int64_t row_grain(int64_t n) { return std::max<int64_t>(16, 65536 / std::max<int64_t>(1, n * n)); }
 
 template <int N, typename T>
 TVR_ROW void rows_forward_n(const T* x, int64_t n, const T* W, T s, int64_t begin, int64_t end, T* y) {
@@ -59,10 +60,130 @@ TVR_ROW void rows_forward_n(const T* x, int64_t n, const T* W, T s, int64_t begi
     y[r] = isa_row_forward<N>(x + r * n, n, W, s, scratch.data(), scratch.data() + n);
 }
 
-// n = 12 (frames) gets a compile-time instance.
+// Short rows (n <= 32, e.g. the 12 frames) "across lanes": kLanes rows are transposed into
+// [n, kLanes] buffers so every step is elementwise over the rows (one vector per element of
+// the reduced axis) and nothing is reduced horizontally; the per-row code above spends most
+// of its time in horizontal max/sum reductions over a 12-wide row.
+constexpr int kLanes = 16;
+constexpr int64_t kMaxLaneN = 32;
+
+// In place over the n rows of V [n, kLanes]: softmax(s V) along n, per lane.
+template <int N, typename T>
+TVR_ROW void lanes_softmax(T* V, int64_t n_, T s) {
+  const int64_t n = N > 0 ? N : n_;
+  T m[kLanes], sum[kLanes];
+  for (int k = 0; k < kLanes; ++k) { m[k] = V[k]; sum[k] = 0; }
+  for (int64_t i = 1; i < n; ++i)
+#pragma omp simd
+    for (int k = 0; k < kLanes; ++k) m[k] = V[i * kLanes + k] > m[k] ? V[i * kLanes + k] : m[k];
+  for (int64_t i = 0; i < n; ++i)
+#pragma omp simd
+    for (int k = 0; k < kLanes; ++k) {
+      const T e = isa_exp((V[i * kLanes + k] - m[k]) * s);
+      V[i * kLanes + k] = e;
+      sum[k] += e;
+    }
+#pragma omp simd
+  for (int k = 0; k < kLanes; ++k) sum[k] = T(1) / sum[k];
+  for (int64_t i = 0; i < n; ++i)
+#pragma omp simd
+    for (int k = 0; k < kLanes; ++k) V[i * kLanes + k] *= sum[k];
+}
+
+// Forward of `rows` (<= kLanes) rows of x (row-major, n wide): X gets them transposed (lanes
+// past `rows` are zero), A and B the two softmaxes, y[k] the results. Buffers: [n, kLanes].
+template <int N, typename T>
+TVR_ROW void lanes_forward(const T* x, int64_t rows, int64_t n_, const T* W, T s, T* X, T* A,
+                           T* B, T* y) {
+  const int64_t n = N > 0 ? N : n_;
+  for (int64_t i = 0; i < n; ++i)
+    for (int k = 0; k < kLanes; ++k) X[i * kLanes + k] = k < rows ? x[k * n + i] : T(0);
+  std::memcpy(A, X, sizeof(T) * n * kLanes);
+  lanes_softmax<N>(A, n, s);
+  for (int64_t j = 0; j < n; ++j) {  // B[j, :] = sum_i W[i, j] A[i, :]
+    T acc[kLanes] = {};
+    for (int64_t i = 0; i < n; ++i) {
+      const T wij = W[i * n + j];
+#pragma omp simd
+      for (int k = 0; k < kLanes; ++k) acc[k] += wij * A[i * kLanes + k];
+    }
+    for (int k = 0; k < kLanes; ++k) B[j * kLanes + k] = acc[k];
+  }
+  lanes_softmax<N>(B, n, s);
+  for (int k = 0; k < kLanes; ++k) y[k] = 0;
+  for (int64_t i = 0; i < n; ++i)
+#pragma omp simd
+    for (int k = 0; k < kLanes; ++k) y[k] += B[i * kLanes + k] * X[i * kLanes + k];
+}
+
+template <int N, typename T>
+TVR_ROW void rows_forward_lanes(const T* x, int64_t n_, const T* W, T s, int64_t begin,
+                                int64_t end, T* y) {
+  const int64_t n = N > 0 ? N : n_;
+  std::vector<T> buf(3 * n * kLanes);
+  T yl[kLanes];
+  for (int64_t r = begin; r < end; r += kLanes) {
+    const int64_t rows = std::min<int64_t>(kLanes, end - r);
+    lanes_forward<N>(x + r * n, rows, n, W, s, buf.data(), buf.data() + n * kLanes,
+                     buf.data() + 2 * n * kLanes, yl);
+    for (int64_t k = 0; k < rows; ++k) y[r + k] = yl[k];
+  }
+}
+
+// Backward across lanes: the math of isa_row_backward, per lane. gW is accumulated per lane
+// (gWl [n*n, kLanes]) and reduced over lanes once, at the end of the task.
+template <int N, typename T>
+TVR_ROW void rows_backward_lanes(const T* x, int64_t n_, const T* W, T s, const T* gy,
+                                 int64_t begin, int64_t end, T* gx, T* gW) {
+  const int64_t n = N > 0 ? N : n_;
+  std::vector<T> buf(5 * n * kLanes + n * n * kLanes, T(0));
+  T *X = buf.data(), *A = X + n * kLanes, *B = A + n * kLanes, *DB = B + n * kLanes,
+    *DA = DB + n * kLanes, *gWl = DA + n * kLanes;
+  T yl[kLanes], g[kLanes], ada[kLanes];
+  for (int64_t r = begin; r < end; r += kLanes) {
+    const int64_t rows = std::min<int64_t>(kLanes, end - r);
+    lanes_forward<N>(x + r * n, rows, n, W, s, X, A, B, yl);
+    for (int k = 0; k < kLanes; ++k) g[k] = k < rows ? gy[r + k] : T(0);  // padding: no gradient
+    for (int64_t j = 0; j < n; ++j)
+#pragma omp simd
+      for (int k = 0; k < kLanes; ++k)
+        DB[j * kLanes + k] = s * g[k] * B[j * kLanes + k] * (X[j * kLanes + k] - yl[k]);
+    for (int64_t i = 0; i < n; ++i) {  // DA[i, :] = sum_j W[i, j] DB[j, :]; gW[i, j] += A_i DB_j
+      T acc[kLanes] = {};
+      for (int64_t j = 0; j < n; ++j) {
+        const T wij = W[i * n + j];
+        T* gwl = gWl + (i * n + j) * kLanes;
+#pragma omp simd
+        for (int k = 0; k < kLanes; ++k) {
+          acc[k] += wij * DB[j * kLanes + k];
+          gwl[k] += A[i * kLanes + k] * DB[j * kLanes + k];
+        }
+      }
+      for (int k = 0; k < kLanes; ++k) DA[i * kLanes + k] = acc[k];
+    }
+    for (int k = 0; k < kLanes; ++k) ada[k] = 0;
+    for (int64_t i = 0; i < n; ++i)
+#pragma omp simd
+      for (int k = 0; k < kLanes; ++k) ada[k] += A[i * kLanes + k] * DA[i * kLanes + k];
+    for (int64_t k = 0; k < rows; ++k)
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t q = i * kLanes + k;
+        gx[(r + k) * n + i] = g[k] * B[q] + s * A[q] * (DA[q] - ada[k]);
+      }
+  }
+  for (int64_t q = 0; q < n * n; ++q) {
+    T acc = 0;
+    for (int k = 0; k < kLanes; ++k) acc += gWl[q * kLanes + k];
+    gW[q] += acc;
+  }
+}
+
+// n = 12 (frames) gets a compile-time instance; other short rows run across lanes with n read
+// at run time; long rows one by one.
 template <typename T>
 TVR_ROW void rows_forward(const T* x, int64_t n, const T* W, T s, int64_t begin, int64_t end, T* y) {
-  if (n == 12) rows_forward_n<12>(x, n, W, s, begin, end, y);
+  if (n == 12) rows_forward_lanes<12>(x, n, W, s, begin, end, y);
+  else if (n <= kMaxLaneN) rows_forward_lanes<0>(x, n, W, s, begin, end, y);
   else rows_forward_n<0>(x, n, W, s, begin, end, y);
 }
 
@@ -80,7 +201,8 @@ TVR_ROW void rows_backward_n(const T* x, int64_t n, const T* W, const T* WT, T s
 template <typename T>
 TVR_ROW void rows_backward(const T* x, int64_t n, const T* W, const T* WT, T s, const T* gy,
                            int64_t begin, int64_t end, T* gx, T* gW) {
-  if (n == 12) rows_backward_n<12>(x, n, W, WT, s, gy, begin, end, gx, gW);
+  if (n == 12) rows_backward_lanes<12>(x, n, W, s, gy, begin, end, gx, gW);
+  else if (n <= kMaxLaneN) rows_backward_lanes<0>(x, n, W, s, gy, begin, end, gx, gW);
   else rows_backward_n<0>(x, n, W, WT, s, gy, begin, end, gx, gW);
 }
 
