@@ -320,20 +320,102 @@ struct BiCtx {
   T s;  // 1 / tau
 };
 
-// Per-thread scratch of one pair: the tile [L, P] and its transpose [P, L] (so the word-axis
-// ISA, over the tile's columns, also reads contiguous rows), the first stages' softmaxes
-// (kept for the backward), their outputs yA [P] and yB [L], the second stages' softmaxes, and
-// the gradients.
+// ISA of the K columns of X [n, K] at once ("across lanes", as rows_forward_lanes above): each
+// column k is reduced over the n rows, every step is elementwise over the K lanes. Writes the
+// softmaxes A, B [n, K] (kept for the backward) and y [K]; tmp holds 2 K values. N and KC fix n
+// and K at compile time when > 0.
+template <int N, int KC, typename T>
+TVR_ROW void cols_softmax(T* V, int64_t n_, int64_t K_, T s, T* tmp) {
+  const int64_t n = N > 0 ? N : n_, K = KC > 0 ? KC : K_;
+  T* m = tmp;
+  T* sum = tmp + K;
+  for (int64_t k = 0; k < K; ++k) { m[k] = V[k]; sum[k] = 0; }
+  for (int64_t i = 1; i < n; ++i)
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) m[k] = V[i * K + k] > m[k] ? V[i * K + k] : m[k];
+  for (int64_t i = 0; i < n; ++i)
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) {
+      const T e = isa_exp((V[i * K + k] - m[k]) * s);
+      V[i * K + k] = e;
+      sum[k] += e;
+    }
+#pragma omp simd
+  for (int64_t k = 0; k < K; ++k) sum[k] = T(1) / sum[k];
+  for (int64_t i = 0; i < n; ++i)
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) V[i * K + k] *= sum[k];
+}
+
+template <int N, int KC, typename T>
+TVR_ROW void cols_forward(const T* X, int64_t n_, int64_t K_, const T* W, T s, T* A, T* B, T* y,
+                          T* tmp) {
+  const int64_t n = N > 0 ? N : n_, K = KC > 0 ? KC : K_;
+  std::memcpy(A, X, sizeof(T) * n * K);
+  cols_softmax<N, KC>(A, n, K, s, tmp);
+  for (int64_t j = 0; j < n * K; ++j) B[j] = 0;
+  for (int64_t j = 0; j < n; ++j)  // B[j, :] = sum_i W[i, j] A[i, :]
+    for (int64_t i = 0; i < n; ++i) {
+      const T wij = W[i * n + j];
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) B[j * K + k] += wij * A[i * K + k];
+    }
+  cols_softmax<N, KC>(B, n, K, s, tmp);
+  for (int64_t k = 0; k < K; ++k) y[k] = 0;
+  for (int64_t i = 0; i < n; ++i)
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) y[k] += B[i * K + k] * X[i * K + k];
+}
+
+// Backward of cols_forward for incoming gradients g [K]: writes GX [n, K] and adds the weight
+// gradient to gW [n, n]. DB and DA are [n, K] scratch, tmp K values. Per lane this is
+// isa_row_backward (tvr/isa.h).
+template <int N, int KC, typename T>
+TVR_ROW void cols_backward(const T* X, int64_t n_, int64_t K_, const T* W, T s, const T* g,
+                           const T* A, const T* B, const T* y, T* GX, T* gW, T* DB, T* DA,
+                           T* tmp) {
+  const int64_t n = N > 0 ? N : n_, K = KC > 0 ? KC : K_;
+  for (int64_t j = 0; j < n; ++j)
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k)
+      DB[j * K + k] = s * g[k] * B[j * K + k] * (X[j * K + k] - y[k]);
+  for (int64_t i = 0; i < n * K; ++i) DA[i] = 0;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      const T wij = W[i * n + j];
+      T acc = 0;  // gW[i, j] += sum_k A[i, k] DB[j, k]
+#pragma omp simd reduction(+ : acc)
+      for (int64_t k = 0; k < K; ++k) {
+        DA[i * K + k] += wij * DB[j * K + k];
+        acc += A[i * K + k] * DB[j * K + k];
+      }
+      gW[i * n + j] += acc;
+    }
+  T* ada = tmp;
+  for (int64_t k = 0; k < K; ++k) ada[k] = 0;
+  for (int64_t i = 0; i < n; ++i)
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) ada[k] += A[i * K + k] * DA[i * K + k];
+  for (int64_t i = 0; i < n; ++i)
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k)
+      GX[i * K + k] = g[k] * B[i * K + k] + s * A[i * K + k] * (DA[i * K + k] - ada[k]);
+}
+
+// Per-thread scratch of one pair: the tile [L, P] and its transpose [P, L] (path A reduces the
+// tile's rows per column, path B the transpose's rows per column: both across lanes), the
+// first stages' softmaxes (kept for the backward), their outputs yA [P] and yB [L], the second
+// stages' softmaxes, and the gradients.
 template <typename T>
 struct PairScratch {
   std::vector<T> buf;
-  T *tile, *tileT, *aA, *wA, *aB, *wB, *gtile, *gtileT, *yA, *yB, *gyA, *gyB, *a2A, *w2A, *a2B,
-      *w2B, *row;
+  T *tile, *tileT, *aA, *wA, *aB, *wB, *gtile, *gtileT, *db, *da, *yA, *yB, *gyA, *gyB, *a2A,
+      *w2A, *a2B, *w2B, *row;
   PairScratch(int64_t L, int64_t P) {
     const int64_t LP = L * P;
-    buf.resize(8 * LP + 4 * (L + P) + 2 * std::max(L, P));
+    buf.resize(10 * LP + 4 * (L + P) + 4 * std::max(L, P));
     T* q = buf.data();
-    for (T** p : {&tile, &tileT, &aA, &wA, &aB, &wB, &gtile, &gtileT}) { *p = q; q += LP; }
+    for (T** p : {&tile, &tileT, &aA, &wA, &aB, &wB, &gtile, &gtileT, &db, &da}) { *p = q; q += LP; }
     for (T** p : {&yA, &gyA, &a2A, &w2A}) { *p = q; q += P; }
     for (T** p : {&yB, &gyB, &a2B, &w2B}) { *p = q; q += L; }
     row = q;
@@ -351,12 +433,10 @@ TVR_ROW T pair_forward(const T* Gt, const BiCtx<T>& c, PairScratch<T>& S, T* sA,
       S.tile[l * P + p] = v;
       S.tileT[p * L + l] = v;
     }
-  // Path A, stage 1: ISA over words (column p of the tile) with word_weight -> yA [P].
-  for (int64_t p = 0; p < P; ++p)
-    S.yA[p] = isa_row_forward<LN>(S.tileT + p * L, L, c.ww, c.s, S.aA + p * L, S.wA + p * L);
-  // Path B, stage 1: ISA over patches (row l) with patch_weight -> yB [L].
-  for (int64_t l = 0; l < L; ++l)
-    S.yB[l] = isa_row_forward<PN>(S.tile + l * P, P, c.pw, c.s, S.aB + l * P, S.wB + l * P);
+  // Path A, stage 1: ISA over words (each column p of the tile) with word_weight -> yA [P].
+  cols_forward<LN, PN>(S.tile, L, P, c.ww, c.s, S.aA, S.wA, S.yA, S.row);
+  // Path B, stage 1: ISA over patches (each column l of the transpose) with patch_weight -> yB [L].
+  cols_forward<PN, LN>(S.tileT, P, L, c.pw, c.s, S.aB, S.wB, S.yB, S.row);
   *sA = isa_row_forward<PN>(S.yA, P, c.pw2, c.s, S.a2A, S.w2A);
   *sB = isa_row_forward<LN>(S.yB, L, c.ww2, c.s, S.a2B, S.w2B);
   return (*sA + *sB) / 2;
@@ -376,12 +456,10 @@ TVR_ROW void pair_backward(T* Gt, const BiCtx<T>& c, PairScratch<T>& S, T g, T* 
   const T half = g / 2;  // out = (sA + sB) / 2
   isa_row_backward<PN>(S.yA, P, c.pw2T, c.s, half, S.a2A, S.w2A, sA, S.gyA, gpw2, S.row);
   isa_row_backward<LN>(S.yB, L, c.ww2T, c.s, half, S.a2B, S.w2B, sB, S.gyB, gww2, S.row);
-  for (int64_t p = 0; p < P; ++p)
-    isa_row_backward<LN>(S.tileT + p * L, L, c.wwT, c.s, S.gyA[p], S.aA + p * L, S.wA + p * L,
-                     S.yA[p], S.gtileT + p * L, gww, S.row);
-  for (int64_t l = 0; l < L; ++l)
-    isa_row_backward<PN>(S.tile + l * P, P, c.pwT, c.s, S.gyB[l], S.aB + l * P, S.wB + l * P,
-                     S.yB[l], S.gtile + l * P, gpw, S.row);
+  cols_backward<LN, PN>(S.tile, L, P, c.ww, c.s, S.gyA, S.aA, S.wA, S.yA, S.gtile, gww, S.db,
+                        S.da, S.row);
+  cols_backward<PN, LN>(S.tileT, P, L, c.pw, c.s, S.gyB, S.aB, S.wB, S.yB, S.gtileT, gpw, S.db,
+                        S.da, S.row);
   for (int64_t l = 0; l < L; ++l)
     for (int64_t p = 0; p < P; ++p) Gt[l * c.ld + p] = S.gtile[l * P + p] + S.gtileT[p * L + l];
 }
