@@ -1,11 +1,14 @@
 // ISA and fused Bi-ISA (SPEC 3), CPU.
 //
 // isa: rows are independent (the Python op moves the reduced axis last), parallel over rows;
-// the weight gradient is accumulated per thread and summed at the end.
+// the weight gradient is accumulated per thread and summed at the end. Short rows (n <= 32)
+// run 16 at a time "across lanes" (transposed, so each step is one vector op over 16 rows).
 //
 // bi_isa: the pairs (t, v) are processed by blocks of tb texts x vb videos. For a block, one
 // GEMM words[t0:t1] [tb*L, D] x patches[v0:v1]^T [D, vb*P] gives the [L, P] tiles of G of all
-// its pairs; then each pair's two ISA paths run on its tile (parallel over pairs). Only that
+// its pairs; then each pair's two ISA paths run on its tile (parallel over pairs): the first
+// stages across lanes (path A over the tile's columns, path B over its transpose's), the
+// second stages with the per-row code of tvr/isa.h. Only that
 // block buffer (bounded by kBlockElems, whatever Bt and Bv are) ever holds G. The backward
 // recomputes the block, turns each tile into dL/dG in place and applies it with two GEMMs,
 // gwords[t0:t1] += dG patches[v0:v1] and gpatches[v0:v1] += dG^T words[t0:t1].

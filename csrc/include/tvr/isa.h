@@ -1,5 +1,7 @@
-// ISA (SPEC 3) on one row: the forward and its analytic backward, written once and used by the
-// standalone isa kernel and by both paths (both stages) of the fused Bi-ISA kernel.
+// ISA (SPEC 3) on one row: the forward and its analytic backward, written once. The standalone
+// isa kernel uses them for long rows and Bi-ISA for its second stages; the "across lanes"
+// variants in csrc/cpu/isa.cpp (short rows, Bi-ISA first stages) apply the same formulas to
+// 16 or K rows at a time.
 //
 // For a row x of length n, weight W [n, n] (row-major) and 1/tau = s:
 //   a = softmax(s x),  b_j = sum_i a_i W[i, j],  w = softmax(s b),  y = sum_j w_j x_j.
