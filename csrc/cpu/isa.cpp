@@ -305,6 +305,11 @@ BiGeometry check_bi(const at::Tensor& words, const at::Tensor& patches, const at
   return {words.size(0), patches.size(0), L, P, words.size(2)};
 }
 
+// The first rows * cols elements of a flat buffer as a contiguous [rows, cols] matrix.
+at::Tensor block_view(const at::Tensor& buf, int64_t rows, int64_t cols) {
+  return buf.narrow(0, 0, rows * cols).view({rows, cols});
+}
+
 // Upper bound on the elements of one block of G (float: 8 MiB), so memory never depends on
 // Bt * Bv. Text blocks of up to 1024 word rows keep the GEMM large and the block near square.
 constexpr int64_t kBlockElems = int64_t(1) << 21;
@@ -567,6 +572,8 @@ at::Tensor bi_isa_fwd_cpu(const at::Tensor& words_in, const at::Tensor& patches_
   const auto [tb_max, vb_max] = block_sizes(g);
   const at::Tensor words2d = words.view({g.Bt * g.L, g.D});
   const at::Tensor patches2d = patches.view({g.Bv * g.P, g.D});
+  // One buffer for every block (a fresh 8 MiB buffer per block costs page faults).
+  at::Tensor Gbuf = at::empty({tb_max * g.L * std::min(vb_max, g.Bv) * g.P}, words.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "bi_isa_fwd", [&] {
     BiCtx<scalar_t> c = make_ctx<scalar_t>(g, w, w, tau);  // forward never reads the transposes
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
@@ -575,8 +582,9 @@ at::Tensor bi_isa_fwd_cpu(const at::Tensor& words_in, const at::Tensor& patches_
       for (int64_t v0 = 0; v0 < g.Bv; v0 += vb_max) {
         const int64_t vb = std::min(vb_max, g.Bv - v0);
         // G block [tb*L, vb*P]: row t*L + l, column v*P + p (block-local t, v).
-        const at::Tensor G = at::mm(words2d.narrow(0, t0 * g.L, tb * g.L),
-                                    patches2d.narrow(0, v0 * g.P, vb * g.P).t());
+        at::Tensor G = block_view(Gbuf, tb * g.L, vb * g.P);
+        at::mm_out(G, words2d.narrow(0, t0 * g.L, tb * g.L),
+                   patches2d.narrow(0, v0 * g.P, vb * g.P).t());
         const scalar_t* Gp = G.const_data_ptr<scalar_t>();
         c.ld = vb * g.P;
         at::parallel_for(0, tb * vb, 1, [&](int64_t begin, int64_t end) {
@@ -613,6 +621,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor patches2d = patches.view({g.Bv * g.P, g.D});
     at::Tensor gwords2d = gwords.view({g.Bt * g.L, g.D});
     at::Tensor gpatches2d = gpatches.view({g.Bv * g.P, g.D});
+    at::Tensor Gbuf = at::empty({tb_max * g.L * std::min(vb_max, g.Bv) * g.P}, words.options());
     AT_DISPATCH_FLOATING_TYPES(acc, "bi_isa_bwd", [&] {
       BiCtx<scalar_t> c = make_ctx<scalar_t>(g, w, wT, tau);
       const scalar_t* gp = grad.const_data_ptr<scalar_t>();
@@ -624,7 +633,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           const int64_t vb = std::min(vb_max, g.Bv - v0);
           const at::Tensor pblk = patches2d.narrow(0, v0 * g.P, vb * g.P);
           // Recompute the block of G; each pair then overwrites its tile with dL/dG.
-          at::Tensor G = at::mm(wblk, pblk.t());
+          at::Tensor G = block_view(Gbuf, tb * g.L, vb * g.P);
+          at::mm_out(G, wblk, pblk.t());
           scalar_t* Gp = G.mutable_data_ptr<scalar_t>();
           c.ld = vb * g.P;
           at::parallel_for(0, tb * vb, 1, [&](int64_t begin, int64_t end) {
