@@ -24,7 +24,7 @@ def _extensions():
 
     cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/module.cpp"]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     want_cuda = (
         os.environ.get("TVR_KERNELS_CUDA", "1") != "0"
         and torch.version.cuda is not None
