@@ -40,7 +40,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "tvr/sinkhorn_knopp.h"
+#include "tvr/fast_math.h"
 
 // The row loops are exp-bound. They are compiled in several ISA clones chosen at load time
 // (GCC function multi-versioning), since the extension itself is built for baseline x86-64.
@@ -95,7 +95,7 @@ TVR_SK_INLINE void k_stats(const T* x, int64_t n, T* colmax, T& mx, T& bad) {
 template <typename T>
 TVR_SK_INLINE void k_expsum(const T* x, int64_t n, const T* shift, T* colacc) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) colacc[j] += sk_exp(x[j] - shift[j]);
+  for (int64_t j = 0; j < n; ++j) colacc[j] += fast_exp(x[j] - shift[j]);
 }
 
 // Probability domain row: k = exp(x - m); a = 1 / (k . b); colacc += a k. Returns a.
@@ -104,7 +104,7 @@ TVR_SK_INLINE T k_prob(const T* x, int64_t n, T m, const T* b, T* colacc, T* kbu
   T s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < n; ++j) {
-    const T k = sk_exp(x[j] - m);
+    const T k = fast_exp(x[j] - m);
     kbuf[j] = k;
     s += k * b[j];
   }
@@ -128,7 +128,7 @@ TVR_SK_INLINE T k_log(const T* x, int64_t n, const T* g, T* colacc, T* buf) {
   T s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < n; ++j) {
-    const T e = sk_exp(buf[j] - vmax);
+    const T e = fast_exp(buf[j] - vmax);
     buf[j] = e;
     s += e;
   }
@@ -151,7 +151,7 @@ TVR_SK_INLINE void k_bwd_t(const T* x, int64_t n, T f, const T* gt, const T* gp,
   T dot = 0;
 #pragma omp simd reduction(+ : dot)
   for (int64_t j = 0; j < n; ++j) {
-    const T pg = sk_exp(x[j] + f + gt[j]);
+    const T pg = fast_exp(x[j] + f + gt[j]);
     buf[j] = pg;
     dot += pg * dgt[j];
   }
@@ -162,7 +162,7 @@ TVR_SK_INLINE void k_bwd_t(const T* x, int64_t n, T f, const T* gt, const T* gp,
     if constexpr (RATIO) {
       pf = buf[j] * ratio[j];
     } else {
-      pf = sk_exp(x[j] + f + gp[j]);
+      pf = fast_exp(x[j] + f + gp[j]);
     }
     const T d = -dgt[j] * buf[j] - df * pf;
     if constexpr (FIRST) {
@@ -190,7 +190,7 @@ TVR_SK_INLINE void k_bwd(const T* x, int64_t n, T f, const T* gt, const T* gp, c
 template <typename T>
 TVR_SK_INLINE void k_bwd0(const T* x, int64_t n, const T* g0, const T* dg0, T* dl) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) dl[j] -= dg0[j] * sk_exp(x[j] + g0[j]);
+  for (int64_t j = 0; j < n; ++j) dl[j] -= dg0[j] * fast_exp(x[j] + g0[j]);
 }
 
 // ------------------------------------- float instances in ISA clones, double plain

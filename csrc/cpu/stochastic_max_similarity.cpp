@@ -25,6 +25,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "tvr/fast_math.h"
 #include "tvr/stochastic_max_similarity.h"
 
 namespace tvr {
@@ -63,34 +64,6 @@ Dims check_dims(const at::Tensor& text, const at::Tensor& frames, const at::Tens
   return {Nt, Nv, T, D, M, (D + 3) / 4, i0, j0};
 }
 
-// exp of float32 that vectorises (glibc's expf does not without -ffast-math): range reduction
-// x = n ln2 + r with a two-constant ln2, degree-6 Taylor/minimax polynomial on |r| <= ln2/2,
-// then scale by 2^n through the exponent bits. Relative error ~2 ulp on [-87, 88]; outside it
-// saturates to 0 / inf as expf does.
-inline float exp_f32(float x) {
-  x = x < -87.3f ? -87.3f : x;
-  const bool over = x > 88.7f;
-  x = x > 88.7f ? 88.7f : x;
-  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  union {
-    float f;
-    int32_t i;
-  } scale;
-  scale.i = (static_cast<int32_t>(n) + 127) << 23;
-  const float y = p * scale.f;
-  return over ? std::numeric_limits<float>::infinity() : y;
-}
-inline double exp_acc(double x) { return std::exp(x); }
-inline float exp_acc(float x) { return exp_f32(x); }
 
 // Per-thread scratch: lane-major a, b, c (3 * 4Q), the radius R and frame cosines S.
 template <typename acc_t>
@@ -133,7 +106,7 @@ TVR_ALWAYS_INLINE void pair_radius(const Dims& g, const scalar_t* t, acc_t t_nor
     for (int64_t d = 0; d < g.D; ++d) R[d] += wk[d] * Sk;
   }
 #pragma omp simd
-  for (int64_t d = 0; d < g.D; ++d) R[d] = exp_acc(R[d]);
+  for (int64_t d = 0; d < g.D; ++d) R[d] = fast_exp(R[d]);
 }
 
 // Everything a pair needs before its samples: S, R (pair_radius), the arrays a = R*p, b = R*t,

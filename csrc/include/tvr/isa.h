@@ -12,49 +12,17 @@
 //   y also reads x directly (gy w_i), and a = softmax(s x):
 //   gx_i = gy w_i + s a_i (da_i - sum_k a_k da_k).
 // Loops are written over contiguous memory (the transposed weight WT turns W db into a sum
-// of rows) so the compiler vectorises them; exp is the polynomial below for float (glibc's
-// expf is a scalar call and dominates Bi-ISA otherwise), std::exp for double.
+// of rows) so the compiler vectorises them; exp is tvr::fast_exp (tvr/fast_math.h: glibc's
+// expf is a scalar call and dominates Bi-ISA otherwise).
 #pragma once
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
 #include "tvr/common.h"
+#include "tvr/fast_math.h"
 
 namespace tvr {
-
-#if defined(__GNUC__) && !defined(__CUDACC__)
-#define TVR_ISA_EXP inline __attribute__((always_inline))
-#else
-#define TVR_ISA_EXP inline
-#endif
-
-// exp(x) for x <= 0 in float (softmax arguments x - max), branch-free so loops over it
-// vectorise (this needs -fno-trapping-math, set in setup.py, for the selects): x = k ln2 + r
-// with |r| <= ln2/2, exp(r) by a degree-6 polynomial (~1 ulp), times 2^k built in the exponent
-// bits. Inputs below -87 are clamped to -87 (exp ~ 1.6e-38, negligible against the row
-// maximum's exp(0) = 1 in a softmax; a select to 0 there would stop GCC vectorising the loop).
-TVR_ISA_EXP float isa_exp(float x) {
-  const float kLog2e = 1.44269504088896341f;
-  const float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-  const float xc = x < -87.0f ? -87.0f : x;
-  // Round to nearest for t = x log2(e) <= 0: truncation of t - 0.5 (towards zero) is ceil.
-  const int k = static_cast<int>(xc * kLog2e - 0.5f);
-  const float kf = static_cast<float>(k);
-  const float r = (xc - kf * kLn2Hi) - kf * kLn2Lo;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float e = p * r * r + r + 1.0f;
-  const int32_t bits = (k + 127) << 23;  // 2^k, k in [-126, 0]
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return e * scale;
-}
-TVR_ISA_EXP double isa_exp(double x) { return std::exp(x); }
 
 // The row helpers are forced inline so that the fused kernels' hot loops, compiled once per
 // instruction set (target_clones in csrc/cpu/isa.cpp), inline them at that instruction set.
@@ -76,7 +44,7 @@ TVR_ROW void isa_softmax(T* v, int64_t n_, T s) {
 #pragma omp simd reduction(max : m)
   for (int64_t i = 0; i < n; ++i) m = v[i] > m ? v[i] : m;
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) v[i] = isa_exp((v[i] - m) * s);
+  for (int64_t i = 0; i < n; ++i) v[i] = fast_exp((v[i] - m) * s);
   T sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) sum += v[i];
