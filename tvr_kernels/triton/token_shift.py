@@ -15,15 +15,21 @@ def _source_frame(t, n, T, fold, offset):
 
 
 @triton.jit
-def _token_shift_fwd_kernel(x_ptr, y_ptr, rows, N, C, T, fold, offset,
-                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _tile(rows, N, C, T, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's token rows r (with their video-frame row bt, token n, frame t), its
+    channel columns, and the in-bounds mask of the [BLOCK_R, BLOCK_C] tile."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     bt = r // N
-    n = r % N
-    t = bt % T
-    src = (bt - t + _source_frame(t, n, T, fold, offset)) * N + n
     mask = (r < rows)[:, None] & (cols < C)[None, :]
+    return r, cols, bt, r % N, bt % T, mask
+
+
+@triton.jit
+def _token_shift_fwd_kernel(x_ptr, y_ptr, rows, N, C, T, fold, offset,
+                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    r, cols, bt, n, t, mask = _tile(rows, N, C, T, BLOCK_R, BLOCK_C)
+    src = (bt - t + _source_frame(t, n, T, fold, offset)) * N + n
     v = tl.load(x_ptr + src[:, None] * C + cols[None, :], mask=mask)
     tl.store(y_ptr + r[:, None] * C + cols[None, :], v, mask=mask)
 
@@ -31,12 +37,7 @@ def _token_shift_fwd_kernel(x_ptr, y_ptr, rows, N, C, T, fold, offset,
 @triton.jit
 def _token_shift_bwd_kernel(g_ptr, gx_ptr, rows, N, C, T, fold, offset, ACC: tl.constexpr,
                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    bt = r // N
-    n = r % N
-    t = bt % T
-    mask = (r < rows)[:, None] & (cols < C)[None, :]
+    r, cols, bt, n, t, mask = _tile(rows, N, C, T, BLOCK_R, BLOCK_C)
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
     # Output frames t-1, t, t+1 are the only ones that can read input frame t.
     for d in tl.static_range(3):
