@@ -70,27 +70,15 @@ TVR_ROW void rows_forward_n(const T* x, int64_t n, const T* W, T s, int64_t begi
 constexpr int kLanes = 16;
 constexpr int64_t kMaxLaneN = 32;
 
-// In place over the n rows of V [n, kLanes]: softmax(s V) along n, per lane.
+template <int N, int KC, typename T>
+TVR_ROW void cols_softmax(T* V, int64_t n_, int64_t K_, T s, T* tmp);
+
+// In place over the n rows of V [n, kLanes]: softmax(s V) along n, per lane (cols_softmax
+// with K fixed at kLanes and its scratch on the stack).
 template <int N, typename T>
 TVR_ROW void lanes_softmax(T* V, int64_t n_, T s) {
-  const int64_t n = N > 0 ? N : n_;
-  T m[kLanes], sum[kLanes];
-  for (int k = 0; k < kLanes; ++k) { m[k] = V[k]; sum[k] = 0; }
-  for (int64_t i = 1; i < n; ++i)
-#pragma omp simd
-    for (int k = 0; k < kLanes; ++k) m[k] = V[i * kLanes + k] > m[k] ? V[i * kLanes + k] : m[k];
-  for (int64_t i = 0; i < n; ++i)
-#pragma omp simd
-    for (int k = 0; k < kLanes; ++k) {
-      const T e = fast_exp((V[i * kLanes + k] - m[k]) * s);
-      V[i * kLanes + k] = e;
-      sum[k] += e;
-    }
-#pragma omp simd
-  for (int k = 0; k < kLanes; ++k) sum[k] = T(1) / sum[k];
-  for (int64_t i = 0; i < n; ++i)
-#pragma omp simd
-    for (int k = 0; k < kLanes; ++k) V[i * kLanes + k] *= sum[k];
+  T tmp[2 * kLanes];
+  cols_softmax<N, kLanes>(V, n_, kLanes, s, tmp);
 }
 
 // Forward of `rows` (<= kLanes) rows of x (row-major, n wide): X gets them transposed (lanes
