@@ -33,24 +33,28 @@ def _cat(parts: list[dict]) -> dict:
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
+def _batched(encode, inputs: tuple[Tensor, Tensor], batch_size: int, desc: str,
+             progress: bool) -> dict:
+    """``encode`` applied to ``batch_size`` rows of both inputs at a time, features concatenated."""
+    from tqdm.auto import tqdm
+    n = len(inputs[0])
+    parts = [encode(*(x[i:i + batch_size] for x in inputs))
+             for i in tqdm(range(0, n, batch_size), desc=desc, disable=not progress)]
+    return _cat(parts)
+
+
 @torch.no_grad()
 def encode_texts(model, input_ids: Tensor, attention_mask: Tensor, batch_size: int = 256,
                  progress: bool = False) -> dict:
     """Text features of [Nt, L] ids, ``batch_size`` at a time."""
-    from tqdm.auto import tqdm
-    parts = [model.encode_text(input_ids[i:i + batch_size], attention_mask[i:i + batch_size])
-             for i in tqdm(range(0, len(input_ids), batch_size), desc="texts", disable=not progress)]
-    return _cat(parts)
+    return _batched(model.encode_text, (input_ids, attention_mask), batch_size, "texts", progress)
 
 
 @torch.no_grad()
 def encode_videos(model, video: Tensor, video_mask: Tensor, batch_size: int = 16,
                   progress: bool = False) -> dict:
     """Video features of [Nv, T, 3, H, W] videos, ``batch_size`` at a time."""
-    from tqdm.auto import tqdm
-    parts = [model.encode_video(video[i:i + batch_size], video_mask[i:i + batch_size])
-             for i in tqdm(range(0, len(video), batch_size), desc="videos", disable=not progress)]
-    return _cat(parts)
+    return _batched(model.encode_video, (video, video_mask), batch_size, "videos", progress)
 
 
 def _nrows(feats: dict) -> int:
