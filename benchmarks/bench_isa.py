@@ -57,11 +57,11 @@ _BI_GRADS = ("words", "patches", "word_weight", "patch_weight", "word_weight2", 
 
 CASES = [
     Case(op="isa", name="frames [1000,1000,12] f32 dim=-1", make_inputs=_isa_inputs,
-         grad_args=("sim", "weight"), modes=("fwd", "fwd+bwd")),
+         grad_args=("sim", "weight"), modes=("fwd", "fwd+bwd"), denormals=True),
     Case(op="bi_isa", name="train Bt=Bv=64 L=32 P=48 D=512", make_inputs=_bi_inputs(64, 64),
-         grad_args=_BI_GRADS, modes=("fwd", "fwd+bwd")),
+         grad_args=_BI_GRADS, modes=("fwd", "fwd+bwd"), denormals=True),
     Case(op="bi_isa", name="eval 1000x1000 L=32 P=48 D=512", make_inputs=_bi_inputs(1000, 1000),
          modes=("fwd",), reference=_reference_by_text_chunks, compile_reference=False,
          note=f"reference chunked by {EVAL_TEXT_CHUNK} texts (unchunked G: 6.1 GB)",
-         warmup=0, min_reps=1),  # the reference takes about a minute per call here
+         warmup=0, min_reps=1, denormals=True),  # the reference takes about a minute per call here
 ]

@@ -2,18 +2,29 @@
 
 A case names an op, its inputs at one shape, and its modes. Providers are:
 ``reference`` (eager pure-PyTorch reference), ``compile`` (``torch.compile`` of the
-reference), each fused backend that can run here (``cpp``, ``triton``, ``cuda``), and any
+reference), ``reference_ftz`` (the eager reference with ``torch.set_flush_denormal(True)``, for
+cases marked ``denormals=True``: on x86 CPUs the authors' tau = 0.01 softmaxes produce
+denormals whose microcode assists can dominate the reference's time; the fused CPU kernels
+flush them (csrc/include/tvr/fp_env.h), so both comparisons are reported), each fused backend that can run here (``cpp``, ``triton``, ``cuda``), and any
 baselines the case adds (e.g. ``copy`` = one read and one write of the same tensor).
 
 Each (case, mode, provider) runs in a fresh process so that peak memory is measured, not
-estimated: on CPU the peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs`` after
-warm-up) above the RSS before the timed calls, with glibc's mmap threshold pinned so freed
-buffers go back to the OS and every call's allocations count; on CUDA
-``torch.cuda.max_memory_allocated`` above what the inputs hold.
+estimated. On CPU, one call after the warm-up is measured for memory: glibc's mmap threshold
+is pinned (run.py starts the worker with ``MALLOC_MMAP_THRESHOLD_``) so every large buffer is
+a fresh mapping that counts, and the peak RSS (``VmHWM``, reset through
+``/proc/self/clear_refs``) is read above the RSS before that call. The allocator is then put
+back to glibc's steady state (large buffers reused from the heap, ``mallopt``) and warmed by
+one more call before the timed calls: timing under the pinned threshold would charge a page
+fault per touched page to every large temporary, slowing the references' 25 MB
+intermediates by up to 2x. Cases with ``warmup=0`` (minute-long reference calls, where page
+faults are noise) count the memory call as their first timed call. On CUDA the peak is
+``torch.cuda.max_memory_allocated`` over the timed calls, above what the inputs hold.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import gc
 import os
 import statistics
 import time
@@ -43,6 +54,8 @@ class Case:
     # number of timed calls: lower them for cases whose reference takes minutes per call.
     warmup: int = 3
     min_reps: int = 5
+    # Also time the reference with denormals flushed (provider reference_ftz, CPU only).
+    denormals: bool = False
 
 
 def _outputs(out) -> list[torch.Tensor]:
@@ -55,7 +68,7 @@ def provider_fn(case: Case, provider: str, inputs: dict) -> Callable[[], Any]:
     import tvr_kernels.reference as ref
 
     reference = case.reference or getattr(ref, case.op)
-    if provider == "reference":
+    if provider in ("reference", "reference_ftz"):
         return lambda: reference(**inputs)
     if provider == "compile":
         compiled = torch.compile(reference)
@@ -93,9 +106,41 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _mallopt(param: int, value: int) -> bool:
+    try:
+        return ctypes.CDLL(None).mallopt(param, value) == 1
+    except (OSError, AttributeError):
+        return False
+
+
+def _unpin_malloc() -> None:
+    """glibc's steady state: its dynamic mmap threshold tops out at 32 MiB, freed heap kept."""
+    _mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+    _mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+
+
+def _cpu_peak(step: Callable[[], Any]) -> tuple[float, float]:
+    """(peak RSS in MiB above the current RSS over one call of ``step``, its time in ms).
+    Memory is NaN where it cannot be measured (no clear_refs, or glibc not pinnable)."""
+    gc.collect()
+    pinned = _mallopt(_M_MMAP_THRESHOLD, 65536) and _mallopt(_M_TRIM_THRESHOLD, 0)
+    have_reset = pinned and _reset_peak_rss()
+    base = _rss_kb("VmRSS")
+    t0 = time.perf_counter()
+    step()
+    ms = (time.perf_counter() - t0) * 1e3
+    return (max(0, _rss_kb("VmHWM") - base) / 1024 if have_reset else float("nan")), ms
+
+
 def measure(case: Case, mode: str, provider: str, device: str, min_time: float = 1.0,
             max_reps: int = 50, min_reps: int = 5) -> dict:
     """Median / p20 / p80 time in ms and peak extra memory in MiB of one provider."""
+    if provider == "reference_ftz":
+        # Before anything starts the intra-op threads, which inherit the flag from this one.
+        torch.set_flush_denormal(True)
     torch.manual_seed(0)
     inputs = case.make_inputs(device)
     for k in case.grad_args:
@@ -132,13 +177,17 @@ def measure(case: Case, mode: str, provider: str, device: str, min_time: float =
         step()
     _sync(device)
 
+    times = []
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        have_reset = _reset_peak_rss()
-        base = _rss_kb("VmRSS")
-    times = []
+        peak_mb, first_ms = _cpu_peak(step)
+        _unpin_malloc()
+        if case.warmup > 0:
+            step()  # the heap grows to hold one call's buffers, as in a user's loop
+        else:
+            times.append(first_ms)
     min_reps = min(min_reps, case.min_reps)
     t_end = time.perf_counter() + min_time
     while len(times) < min_reps or (time.perf_counter() < t_end and len(times) < max_reps):
@@ -155,8 +204,6 @@ def measure(case: Case, mode: str, provider: str, device: str, min_time: float =
             times.append((time.perf_counter() - t0) * 1e3)
     if device == "cuda":
         peak_mb = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    else:
-        peak_mb = max(0, _rss_kb("VmHWM") - base) / 1024 if have_reset else float("nan")
     q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
     return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3],
             "peak_mb": peak_mb, "reps": len(times)}

@@ -44,6 +44,8 @@ def _providers(case, device: str, allow_compile: bool) -> list[str]:
     from tvr_kernels import _backend
 
     out = ["reference"]
+    if case.denormals and device == "cpu":
+        out.append("reference_ftz")
     if case.compile_reference and allow_compile:
         out.append("compile")
     for b in case.backends:

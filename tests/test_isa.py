@@ -261,6 +261,27 @@ def test_bi_isa_noncontiguous_and_half():
                                    rtol=2e-3, atol=2e-3)
 
 
+def test_cpp_flushes_denormals_and_restores_the_callers_mode():
+    """The C++ kernels compute with denormals flushed (csrc/include/tvr/fp_env.h) and put the
+    calling thread's mode back: afterwards torch still makes denormals here. Inputs whose
+    second-stage softmax weights are denormal in the reference (B spans [0, 1] at tau =
+    0.01: exp(-100) ~ 4e-44) still match it."""
+    if "cpp" not in fused_backends("cpu", ("cpp",)):
+        pytest.skip("C++ extension not built")
+    tiny = torch.tensor([1e-39])
+    assert (tiny * 0.5).item() != 0.0, "denormals already flushed before the test"
+    words, patches, *ws = _bi_inputs(3, 2, 32, 48, 16, "cos", torch.float32)
+    words, patches = words * 3, patches * 3   # G spans ~[-3, 3]: the softmaxes underflow
+    g = torch.randn(3, 2)
+    with tk.use_backend("cpp"):
+        y, grads = _grads(tk.bi_isa, [words, patches, *ws], g)
+    y64, grads64 = _grads(ref_bi_isa, [x.double() for x in (words, patches, *ws)], g.double())
+    _close(y, y64, 1e-4)
+    for a, c in zip(grads, grads64):
+        _close(a, c, 1e-4, ref_err=1e-6)
+    assert (tiny * 0.5).item() != 0.0, "the kernel left flush-to-zero on in the caller's thread"
+
+
 # ---------------------------------------------------------------------------------------------
 # Gradchecks, opcheck, torch.compile, backend recording.
 

@@ -21,6 +21,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "tvr/fp_env.h"
 #include "tvr/isa.h"
 
 namespace tvr {
@@ -240,6 +241,7 @@ at::Tensor isa_fwd_cpu(const at::Tensor& sim, const at::Tensor& weight, double t
     const scalar_t* Wp = W.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, R, row_grain(n), [&](int64_t begin, int64_t end) {
+      FlushDenormals ftz;
       run_rows_forward(xp, n, Wp, s, begin, end, yp);
     });
   });
@@ -266,6 +268,7 @@ std::tuple<at::Tensor, at::Tensor> isa_bwd_cpu(const at::Tensor& grad, const at:
     scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
     scalar_t* gWp = gW_part.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, R, row_grain(n), [&](int64_t begin, int64_t end) {
+      FlushDenormals ftz;
       scalar_t* gW = gWp + at::get_thread_num() * n * n;
       run_rows_backward(xp, n, Wp, WTp, s, gp, begin, end, gxp, gW);
     });
@@ -576,6 +579,7 @@ at::Tensor bi_isa_fwd_cpu(const at::Tensor& words_in, const at::Tensor& patches_
         const scalar_t* Gp = G.const_data_ptr<scalar_t>();
         c.ld = vb * g.P;
         at::parallel_for(0, tb * vb, 1, [&](int64_t begin, int64_t end) {
+          FlushDenormals ftz;
           run_pairs_forward(Gp, c, vb, begin, end, op + t0 * g.Bv + v0, g.Bv);
         });
       }
@@ -626,6 +630,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           scalar_t* Gp = G.mutable_data_ptr<scalar_t>();
           c.ld = vb * g.P;
           at::parallel_for(0, tb * vb, 1, [&](int64_t begin, int64_t end) {
+            FlushDenormals ftz;
             run_pairs_backward(Gp, c, vb, begin, end, gp + t0 * g.Bv + v0, g.Bv,
                                gWbase + at::get_thread_num() * 2 * (LL + PP));
           });
