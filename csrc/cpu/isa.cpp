@@ -6,12 +6,14 @@
 //
 // bi_isa: the pairs (t, v) are processed by blocks of tb texts x vb videos. For a block, one
 // GEMM words[t0:t1] [tb*L, D] x patches[v0:v1]^T [D, vb*P] gives the [L, P] tiles of G of all
-// its pairs; then each pair's two ISA paths run on its tile (parallel over pairs): the first
-// stages across lanes (path A over the tile's columns, path B over its transpose's), the
-// second stages with the per-row code of tvr/isa.h. Only that
+// its pairs. The block is then cut into units, one text x vc videos (a strip [L, vc*P]),
+// processed in parallel: each unit runs the first stages of both paths for its vc pairs at
+// once (elementwise over the strip, the mixing with word_weight / patch_weight as one small
+// GEMM each), then each pair's second stages with the per-row code of tvr/isa.h. Only that
 // block buffer (bounded by kBlockElems, whatever Bt and Bv are) ever holds G. The backward
-// recomputes the block, turns each tile into dL/dG in place and applies it with two GEMMs,
+// recomputes the block, turns each strip into dL/dG in place and applies it with two GEMMs,
 // gwords[t0:t1] += dG patches[v0:v1] and gpatches[v0:v1] += dG^T words[t0:t1].
+// All of it runs with denormals flushed (tvr/fp_env.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -311,18 +313,17 @@ std::pair<int64_t, int64_t> block_sizes(const BiGeometry& g) {
   return {tb, vb};
 }
 
-// Everything a pair needs besides its tile: sizes, the four weights and their transposes.
-template <typename T>
-struct BiCtx {
-  int64_t L, P, ld;  // ld: leading dimension of the G block
-  const T *ww, *pw, *ww2, *pw2, *wwT, *pwT, *ww2T, *pw2T;
-  T s;  // 1 / tau
-};
+// Videos per unit: a strip of L x vc P elements per buffer (64k: the unit's six [L, C]
+// buffers, 1.5 MiB in float, stay in a core's L2).
+constexpr int64_t kUnitElems = int64_t(1) << 16;
 
-// ISA of the K columns of X [n, K] at once ("across lanes", as rows_forward_lanes above): each
-// column k is reduced over the n rows, every step is elementwise over the K lanes. Writes the
-// softmaxes A, B [n, K] (kept for the backward) and y [K]; tmp holds 2 K values. N and KC fix n
-// and K at compile time when > 0.
+int64_t unit_videos(const BiGeometry& g, int64_t vb) {
+  return std::max<int64_t>(1, std::min<int64_t>(vb, kUnitElems / std::max<int64_t>(1, g.L * g.P)));
+}
+
+// In place over the K columns of V [n, K] at once ("across lanes", as rows_forward_lanes
+// above): V <- softmax(s V) over the n rows of each column, every step elementwise over the K
+// lanes. tmp holds 2 K values. N and KC fix n and K at compile time when > 0.
 template <int N, int KC, typename T>
 TVR_ROW void cols_softmax(T* V, int64_t n_, int64_t K_, T s, T* tmp) {
   const int64_t n = N > 0 ? N : n_, K = KC > 0 ? KC : K_;
@@ -346,190 +347,231 @@ TVR_ROW void cols_softmax(T* V, int64_t n_, int64_t K_, T s, T* tmp) {
     for (int64_t k = 0; k < K; ++k) V[i * K + k] *= sum[k];
 }
 
-template <int N, int KC, typename T>
-TVR_ROW void cols_forward(const T* X, int64_t n_, int64_t K_, const T* W, T s, T* A, T* B, T* y,
-                          T* tmp) {
-  const int64_t n = N > 0 ? N : n_, K = KC > 0 ? KC : K_;
-  std::memcpy(A, X, sizeof(T) * n * K);
-  cols_softmax<N, KC>(A, n, K, s, tmp);
-  for (int64_t j = 0; j < n * K; ++j) B[j] = 0;
-  for (int64_t j = 0; j < n; ++j)  // B[j, :] = sum_i W[i, j] A[i, :]
-    for (int64_t i = 0; i < n; ++i) {
-      const T wij = W[i * n + j];
-#pragma omp simd
-      for (int64_t k = 0; k < K; ++k) B[j * K + k] += wij * A[i * K + k];
-    }
-  cols_softmax<N, KC>(B, n, K, s, tmp);
-  for (int64_t k = 0; k < K; ++k) y[k] = 0;
-  for (int64_t i = 0; i < n; ++i)
-#pragma omp simd
-    for (int64_t k = 0; k < K; ++k) y[k] += B[i * K + k] * X[i * K + k];
-}
-
-// Backward of cols_forward for incoming gradients g [K]: writes GX [n, K] and adds the weight
-// gradient to gW [n, n]. DB and DA are [n, K] scratch, tmp K values. Per lane this is
-// isa_row_backward (tvr/isa.h).
-template <int N, int KC, typename T>
-TVR_ROW void cols_backward(const T* X, int64_t n_, int64_t K_, const T* W, T s, const T* g,
-                           const T* A, const T* B, const T* y, T* GX, T* gW, T* DB, T* DA,
-                           T* tmp) {
-  const int64_t n = N > 0 ? N : n_, K = KC > 0 ? KC : K_;
-  for (int64_t j = 0; j < n; ++j)
-#pragma omp simd
-    for (int64_t k = 0; k < K; ++k)
-      DB[j * K + k] = s * g[k] * B[j * K + k] * (X[j * K + k] - y[k]);
-  for (int64_t i = 0; i < n * K; ++i) DA[i] = 0;
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < n; ++j) {
-      const T wij = W[i * n + j];
-      T acc = 0;  // gW[i, j] += sum_k A[i, k] DB[j, k]
-#pragma omp simd reduction(+ : acc)
-      for (int64_t k = 0; k < K; ++k) {
-        DA[i * K + k] += wij * DB[j * K + k];
-        acc += A[i * K + k] * DB[j * K + k];
-      }
-      gW[i * n + j] += acc;
-    }
-  T* ada = tmp;
-  for (int64_t k = 0; k < K; ++k) ada[k] = 0;
-  for (int64_t i = 0; i < n; ++i)
-#pragma omp simd
-    for (int64_t k = 0; k < K; ++k) ada[k] += A[i * K + k] * DA[i * K + k];
-  for (int64_t i = 0; i < n; ++i)
-#pragma omp simd
-    for (int64_t k = 0; k < K; ++k)
-      GX[i * K + k] = g[k] * B[i * K + k] + s * A[i * K + k] * (DA[i * K + k] - ada[k]);
-}
-
-// Per-thread scratch of one pair: the tile [L, P] and its transpose [P, L] (path A reduces the
-// tile's rows per column, path B the transpose's rows per column: both across lanes), the
-// first stages' softmaxes (kept for the backward), their outputs yA [P] and yB [L], the second
-// stages' softmaxes, and the gradients.
+// Row-major C [m, n] = (or += with accumulate) op(A) op(B) through ATen's GEMM (MKL / oneDNN;
+// one thread inside our parallel regions). A is [m, k] ([k, m] when ta), B is [k, n] ([n, k]
+// when tb). The stage-1 mixings of Bi-ISA are GEMMs with K = L or P over thousands of lanes:
+// per-pair loops over 32x32 / 48x48 weights ran at a tenth of the GEMM's rate.
 template <typename T>
-struct PairScratch {
+void gemm(T* C, const T* A, bool ta, const T* B, bool tb, int64_t m, int64_t n, int64_t k,
+          bool accumulate) {
+  const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const auto wrap = [&](const T* ptr, int64_t rows, int64_t cols, bool t) {
+    at::Tensor x = at::from_blob(const_cast<T*>(ptr), {t ? cols : rows, t ? rows : cols}, opt);
+    return t ? x.t() : x;
+  };
+  at::Tensor out = at::from_blob(C, {m, n}, opt);
+  if (accumulate) out.addmm_(wrap(A, m, k, ta), wrap(B, k, n, tb));
+  else at::mm_out(out, wrap(A, m, k, ta), wrap(B, k, n, tb));
+}
+
+// Everything a unit needs besides its strip of G: sizes, the stage-1 weights (as tensors, for
+// the mixing GEMMs) and the stage-2 weights and their transposes (raw, for the row code).
+template <typename T>
+struct BiCtx {
+  int64_t L, P, ld;  // ld: leading dimension of the G block
+  const T *ww, *pw, *ww2, *pw2, *ww2T, *pw2T;
+  T s;  // 1 / tau
+};
+
+// A unit is one text against vc videos: the strip Gu = G[t] [L, C = vc P] of the block, rows l,
+// columns k = v P + p. Path A's first stage reduces each column over l (across the C lanes),
+// path B's each run of P columns (one (l, v)) over p; both mix with one GEMM over the strip.
+// Per-thread scratch: the four stage-1 softmaxes and two gradients [L, C], the stage-1
+// outputs yA [vc, P] and yB [vc, L] (transposed: one pair's words contiguous), their stage-2
+// softmaxes and gradients, and the pairs' two path scores.
+template <typename T>
+struct UnitScratch {
   std::vector<T> buf;
-  T *tile, *tileT, *aA, *wA, *aB, *wB, *gtile, *gtileT, *db, *da, *yA, *yB, *gyA, *gyB, *a2A,
-      *w2A, *a2B, *w2B, *row;
-  PairScratch(int64_t L, int64_t P) {
-    const int64_t LP = L * P;
-    buf.resize(10 * LP + 4 * (L + P) + 4 * std::max(L, P));
+  T *aA, *wA, *aB, *wB, *t1, *t2, *yA, *a2A, *w2A, *gyA, *yB, *a2B, *w2B, *gyB, *sA, *sB, *tmp;
+  UnitScratch(int64_t L, int64_t P, int64_t vc) {
+    const int64_t LC = L * vc * P;
+    buf.resize(6 * LC + 4 * vc * (P + L) + 2 * vc + 2 * std::max(vc * P, vc * L) + 2 * std::max(L, P));
     T* q = buf.data();
-    for (T** p : {&tile, &tileT, &aA, &wA, &aB, &wB, &gtile, &gtileT, &db, &da}) { *p = q; q += LP; }
-    for (T** p : {&yA, &gyA, &a2A, &w2A}) { *p = q; q += P; }
-    for (T** p : {&yB, &gyB, &a2B, &w2B}) { *p = q; q += L; }
-    row = q;
+    for (T** p : {&aA, &wA, &aB, &wB, &t1, &t2}) { *p = q; q += LC; }
+    for (T** p : {&yA, &a2A, &w2A, &gyA}) { *p = q; q += vc * P; }
+    for (T** p : {&yB, &a2B, &w2B, &gyB}) { *p = q; q += vc * L; }
+    for (T** p : {&sA, &sB}) { *p = q; q += vc; }
+    tmp = q;
   }
 };
 
-// Forward of one pair from its tile Gt (rows l, leading dimension c.ld): both paths' first
-// stages (softmaxes kept in S), then the second stages. Returns (sA + sB) / 2.
+// Forward of a unit (vc pairs): the stage-1 softmaxes and outputs, the stage-2 rows and the
+// two path scores stay in S for the backward; out[v] (if given) = (sA + sB) / 2.
 template <int LN, int PN, typename T>
-TVR_ROW T pair_forward(const T* Gt, const BiCtx<T>& c, PairScratch<T>& S, T* sA, T* sB) {
-  const int64_t L = LN > 0 ? LN : c.L, P = PN > 0 ? PN : c.P;
+TVR_ROW void unit_forward(const T* Gu, int64_t vc, const BiCtx<T>& c, UnitScratch<T>& S, T* out) {
+  const int64_t L = LN > 0 ? LN : c.L, P = PN > 0 ? PN : c.P, C = vc * P, ld = c.ld;
+  const T s = c.s;
+  // Path A, stage 1: ISA over the words of each column, with word_weight -> yA [vc, P].
+  for (int64_t l = 0; l < L; ++l) std::memcpy(S.aA + l * C, Gu + l * ld, sizeof(T) * C);
+  cols_softmax<LN, 0>(S.aA, L, C, s, S.tmp);
+  gemm(S.wA, c.ww, true, S.aA, false, L, C, L, false);  // B = ww^T A
+  cols_softmax<LN, 0>(S.wA, L, C, s, S.tmp);
+  for (int64_t k = 0; k < C; ++k) S.yA[k] = 0;
   for (int64_t l = 0; l < L; ++l)
-    for (int64_t p = 0; p < P; ++p) {
-      const T v = Gt[l * c.ld + p];
-      S.tile[l * P + p] = v;
-      S.tileT[p * L + l] = v;
+#pragma omp simd
+    for (int64_t k = 0; k < C; ++k) S.yA[k] += S.wA[l * C + k] * Gu[l * ld + k];
+  // Path B, stage 1: ISA over the patches of each (word, video), with patch_weight -> yB.
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t v = 0; v < vc; ++v) {
+      T* a = S.aB + (l * vc + v) * P;
+      std::memcpy(a, Gu + l * ld + v * P, sizeof(T) * P);
+      isa_softmax<PN>(a, P, s);
     }
-  // Path A, stage 1: ISA over words (each column p of the tile) with word_weight -> yA [P].
-  cols_forward<LN, PN>(S.tile, L, P, c.ww, c.s, S.aA, S.wA, S.yA, S.row);
-  // Path B, stage 1: ISA over patches (each column l of the transpose) with patch_weight -> yB [L].
-  cols_forward<PN, LN>(S.tileT, P, L, c.pw, c.s, S.aB, S.wB, S.yB, S.row);
-  *sA = isa_row_forward<PN>(S.yA, P, c.pw2, c.s, S.a2A, S.w2A);
-  *sB = isa_row_forward<LN>(S.yB, L, c.ww2, c.s, S.a2B, S.w2B);
-  return (*sA + *sB) / 2;
+  gemm(S.wB, S.aB, false, c.pw, false, L * vc, P, P, false);  // B = A pw
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t v = 0; v < vc; ++v) {
+      T* w = S.wB + (l * vc + v) * P;
+      const T* x = Gu + l * ld + v * P;
+      isa_softmax<PN>(w, P, s);
+      T y = 0;
+#pragma omp simd reduction(+ : y)
+      for (int64_t p = 0; p < P; ++p) y += w[p] * x[p];
+      S.yB[v * L + l] = y;
+    }
+  // Stage 2 of each pair: path A over its patches (patch_weight2), path B over its words.
+  for (int64_t v = 0; v < vc; ++v) {
+    S.sA[v] = isa_row_forward<PN>(S.yA + v * P, P, c.pw2, s, S.a2A + v * P, S.w2A + v * P);
+    S.sB[v] = isa_row_forward<LN>(S.yB + v * L, L, c.ww2, s, S.a2B + v * L, S.w2B + v * L);
+    if (out) out[v] = (S.sA[v] + S.sB[v]) / 2;
+  }
 }
 
-// Backward of one pair given its output gradient g: overwrites the tile Gt with dL/dG and
-// adds the four weight gradients to gW = [gww (L*L), gpw (P*P), gww2 (L*L), gpw2 (P*P)].
+// Backward of a unit for its pairs' output gradients g [vc]: recomputes the forward, then
+// overwrites the strip Gu with dL/dG and adds the four weight gradients to
+// gW = [gww (L*L), gpw (P*P), gww2 (L*L), gpw2 (P*P)]. The formulas are isa_row_backward's
+// (tvr/isa.h), per column for path A and per (l, v) run for path B.
 template <int LN, int PN, typename T>
-TVR_ROW void pair_backward(T* Gt, const BiCtx<T>& c, PairScratch<T>& S, T g, T* gW) {
-  const int64_t L = LN > 0 ? LN : c.L, P = PN > 0 ? PN : c.P;
+TVR_ROW void unit_backward(T* Gu, int64_t vc, const BiCtx<T>& c, UnitScratch<T>& S, const T* g,
+                           T* gW) {
+  const int64_t L = LN > 0 ? LN : c.L, P = PN > 0 ? PN : c.P, C = vc * P, ld = c.ld;
+  const T s = c.s;
   T* gww = gW;
   T* gpw = gW + L * L;
   T* gww2 = gpw + P * P;
   T* gpw2 = gww2 + L * L;
-  T sA, sB;
-  pair_forward<LN, PN>(Gt, c, S, &sA, &sB);
-  const T half = g / 2;  // out = (sA + sB) / 2
-  isa_row_backward<PN>(S.yA, P, c.pw2T, c.s, half, S.a2A, S.w2A, sA, S.gyA, gpw2, S.row);
-  isa_row_backward<LN>(S.yB, L, c.ww2T, c.s, half, S.a2B, S.w2B, sB, S.gyB, gww2, S.row);
-  cols_backward<LN, PN>(S.tile, L, P, c.ww, c.s, S.gyA, S.aA, S.wA, S.yA, S.gtile, gww, S.db,
-                        S.da, S.row);
-  cols_backward<PN, LN>(S.tileT, P, L, c.pw, c.s, S.gyB, S.aB, S.wB, S.yB, S.gtileT, gpw, S.db,
-                        S.da, S.row);
+  unit_forward<LN, PN>(Gu, vc, c, S, static_cast<T*>(nullptr));
+  for (int64_t v = 0; v < vc; ++v) {
+    const T half = g[v] / 2;  // out = (sA + sB) / 2
+    isa_row_backward<PN>(S.yA + v * P, P, c.pw2T, s, half, S.a2A + v * P, S.w2A + v * P, S.sA[v],
+                         S.gyA + v * P, gpw2, S.tmp);
+    isa_row_backward<LN>(S.yB + v * L, L, c.ww2T, s, half, S.a2B + v * L, S.w2B + v * L, S.sB[v],
+                         S.gyB + v * L, gww2, S.tmp);
+  }
+  // Path A, stage 1: DB = s gy wA (G - yA); DA = ww DB; gww += aA DB^T;
+  // dG_A = gy wA + s aA (DA - sum_l aA DA), kept in t1 (over DB, no longer needed).
+  T *DB = S.t1, *DA = S.t2, *ada = S.tmp;
   for (int64_t l = 0; l < L; ++l)
-    for (int64_t p = 0; p < P; ++p) Gt[l * c.ld + p] = S.gtile[l * P + p] + S.gtileT[p * L + l];
+#pragma omp simd
+    for (int64_t k = 0; k < C; ++k)
+      DB[l * C + k] = s * S.gyA[k] * S.wA[l * C + k] * (Gu[l * ld + k] - S.yA[k]);
+  gemm(DA, c.ww, false, DB, false, L, C, L, false);
+  gemm(gww, S.aA, false, DB, true, L, L, C, true);
+  for (int64_t k = 0; k < C; ++k) ada[k] = 0;
+  for (int64_t l = 0; l < L; ++l)
+#pragma omp simd
+    for (int64_t k = 0; k < C; ++k) ada[k] += S.aA[l * C + k] * DA[l * C + k];
+  for (int64_t l = 0; l < L; ++l)
+#pragma omp simd
+    for (int64_t k = 0; k < C; ++k)
+      S.t1[l * C + k] = S.gyA[k] * S.wA[l * C + k] + s * S.aA[l * C + k] * (DA[l * C + k] - ada[k]);
+  // Path B, stage 1, per (l, v) run: DB in t2 (DA of path A is consumed), DA in wA.
+  T *DBb = S.t2, *DAb = S.wA;
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t v = 0; v < vc; ++v) {
+      const int64_t r = (l * vc + v) * P;
+      const T cg = s * S.gyB[v * L + l], y = S.yB[v * L + l];
+      const T* x = Gu + l * ld + v * P;
+#pragma omp simd
+      for (int64_t p = 0; p < P; ++p) DBb[r + p] = cg * S.wB[r + p] * (x[p] - y);
+    }
+  gemm(DAb, DBb, false, c.pw, true, L * vc, P, P, false);  // DA = DB pw^T
+  gemm(gpw, S.aB, true, DBb, false, P, P, L * vc, true);   // gpw += aB^T DB
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t v = 0; v < vc; ++v) {
+      const int64_t r = (l * vc + v) * P;
+      const T *a = S.aB + r, *da = DAb + r, *w = S.wB + r, *dgA = S.t1 + l * C + v * P;
+      const T gy = S.gyB[v * L + l];
+      T ad = 0;
+#pragma omp simd reduction(+ : ad)
+      for (int64_t p = 0; p < P; ++p) ad += a[p] * da[p];
+      T* dst = Gu + l * ld + v * P;
+#pragma omp simd
+      for (int64_t p = 0; p < P; ++p) dst[p] = dgA[p] + gy * w[p] + s * a[p] * (da[p] - ad);
+    }
 }
 
-// Pairs [begin, end) of a block with vb videos: pair = t * vb + v, its tile at
-// G + t*L*ld + v*P, its output at out[t * out_ld + v].
+// Units [begin, end) of a block of tb texts x vb videos cut into chunks of vc videos:
+// unit = t * nch + j covers text t and videos [j vc, min(vb, (j + 1) vc)). out / grad: the
+// block's corner of the [Bt, Bv] output / its gradient, leading dimension out_ld.
 template <int LN, int PN, typename T>
-TVR_ROW void pairs_forward_n(const T* G, const BiCtx<T>& c, int64_t vb, int64_t begin,
-                             int64_t end, T* out, int64_t out_ld) {
-  PairScratch<T> S(c.L, c.P);
-  T sA, sB;
-  for (int64_t pair = begin; pair < end; ++pair) {
-    const int64_t t = pair / vb, v = pair % vb;
-    out[t * out_ld + v] = pair_forward<LN, PN>(G + t * c.L * c.ld + v * c.P, c, S, &sA, &sB);
+TVR_ROW void units_forward_n(const T* G, const BiCtx<T>& c, int64_t vb, int64_t vc,
+                             int64_t begin, int64_t end, T* out, int64_t out_ld) {
+  UnitScratch<T> S(c.L, c.P, vc);
+  const int64_t nch = (vb + vc - 1) / vc;
+  for (int64_t u = begin; u < end; ++u) {
+    const int64_t t = u / nch, v0 = (u % nch) * vc;
+    unit_forward<LN, PN>(G + t * c.L * c.ld + v0 * c.P, std::min(vc, vb - v0), c, S,
+                         out + t * out_ld + v0);
   }
 }
 
 template <int LN, int PN, typename T>
-TVR_ROW void pairs_backward_n(T* G, const BiCtx<T>& c, int64_t vb, int64_t begin, int64_t end,
-                              const T* grad, int64_t grad_ld, T* gW) {
-  PairScratch<T> S(c.L, c.P);
-  for (int64_t pair = begin; pair < end; ++pair) {
-    const int64_t t = pair / vb, v = pair % vb;
-    pair_backward<LN, PN>(G + t * c.L * c.ld + v * c.P, c, S, grad[t * grad_ld + v], gW);
+TVR_ROW void units_backward_n(T* G, const BiCtx<T>& c, int64_t vb, int64_t vc, int64_t begin,
+                              int64_t end, const T* grad, int64_t grad_ld, T* gW) {
+  UnitScratch<T> S(c.L, c.P, vc);
+  const int64_t nch = (vb + vc - 1) / vc;
+  for (int64_t u = begin; u < end; ++u) {
+    const int64_t t = u / nch, v0 = (u % nch) * vc;
+    unit_backward<LN, PN>(G + t * c.L * c.ld + v0 * c.P, std::min(vc, vb - v0), c, S,
+                          grad + t * grad_ld + v0, gW);
   }
 }
 
 // The papers' L = 32 words and P = 48 patches get a compile-time instance.
 template <typename T>
-TVR_ROW void pairs_forward(const T* G, const BiCtx<T>& c, int64_t vb, int64_t begin, int64_t end,
-                           T* out, int64_t out_ld) {
-  if (c.L == 32 && c.P == 48) pairs_forward_n<32, 48>(G, c, vb, begin, end, out, out_ld);
-  else pairs_forward_n<0, 0>(G, c, vb, begin, end, out, out_ld);
+TVR_ROW void units_forward(const T* G, const BiCtx<T>& c, int64_t vb, int64_t vc, int64_t begin,
+                           int64_t end, T* out, int64_t out_ld) {
+  if (c.L == 32 && c.P == 48) units_forward_n<32, 48>(G, c, vb, vc, begin, end, out, out_ld);
+  else units_forward_n<0, 0>(G, c, vb, vc, begin, end, out, out_ld);
 }
 
 template <typename T>
-TVR_ROW void pairs_backward(T* G, const BiCtx<T>& c, int64_t vb, int64_t begin, int64_t end,
-                            const T* grad, int64_t grad_ld, T* gW) {
-  if (c.L == 32 && c.P == 48) pairs_backward_n<32, 48>(G, c, vb, begin, end, grad, grad_ld, gW);
-  else pairs_backward_n<0, 0>(G, c, vb, begin, end, grad, grad_ld, gW);
+TVR_ROW void units_backward(T* G, const BiCtx<T>& c, int64_t vb, int64_t vc, int64_t begin,
+                            int64_t end, const T* grad, int64_t grad_ld, T* gW) {
+  if (c.L == 32 && c.P == 48) units_backward_n<32, 48>(G, c, vb, vc, begin, end, grad, grad_ld, gW);
+  else units_backward_n<0, 0>(G, c, vb, vc, begin, end, grad, grad_ld, gW);
 }
 
-TVR_CLONES void pairs_forward_f32(const float* G, const BiCtx<float>& c, int64_t vb, int64_t begin,
-                                  int64_t end, float* out, int64_t out_ld) {
-  pairs_forward(G, c, vb, begin, end, out, out_ld);
+TVR_CLONES void units_forward_f32(const float* G, const BiCtx<float>& c, int64_t vb, int64_t vc,
+                                  int64_t begin, int64_t end, float* out, int64_t out_ld) {
+  units_forward(G, c, vb, vc, begin, end, out, out_ld);
 }
-void pairs_forward_f64(const double* G, const BiCtx<double>& c, int64_t vb, int64_t begin,
-                       int64_t end, double* out, int64_t out_ld) {
-  pairs_forward(G, c, vb, begin, end, out, out_ld);
+void units_forward_f64(const double* G, const BiCtx<double>& c, int64_t vb, int64_t vc,
+                       int64_t begin, int64_t end, double* out, int64_t out_ld) {
+  units_forward(G, c, vb, vc, begin, end, out, out_ld);
 }
-TVR_CLONES void pairs_backward_f32(float* G, const BiCtx<float>& c, int64_t vb, int64_t begin,
-                                   int64_t end, const float* grad, int64_t grad_ld, float* gW) {
-  pairs_backward(G, c, vb, begin, end, grad, grad_ld, gW);
+TVR_CLONES void units_backward_f32(float* G, const BiCtx<float>& c, int64_t vb, int64_t vc,
+                                   int64_t begin, int64_t end, const float* grad, int64_t grad_ld,
+                                   float* gW) {
+  units_backward(G, c, vb, vc, begin, end, grad, grad_ld, gW);
 }
-void pairs_backward_f64(double* G, const BiCtx<double>& c, int64_t vb, int64_t begin, int64_t end,
-                        const double* grad, int64_t grad_ld, double* gW) {
-  pairs_backward(G, c, vb, begin, end, grad, grad_ld, gW);
-}
-
-template <typename T>
-void run_pairs_forward(const T* G, const BiCtx<T>& c, int64_t vb, int64_t b, int64_t e, T* out,
-                       int64_t out_ld) {
-  if constexpr (std::is_same_v<T, float>) pairs_forward_f32(G, c, vb, b, e, out, out_ld);
-  else pairs_forward_f64(G, c, vb, b, e, out, out_ld);
+void units_backward_f64(double* G, const BiCtx<double>& c, int64_t vb, int64_t vc, int64_t begin,
+                        int64_t end, const double* grad, int64_t grad_ld, double* gW) {
+  units_backward(G, c, vb, vc, begin, end, grad, grad_ld, gW);
 }
 
 template <typename T>
-void run_pairs_backward(T* G, const BiCtx<T>& c, int64_t vb, int64_t b, int64_t e, const T* grad,
-                        int64_t grad_ld, T* gW) {
-  if constexpr (std::is_same_v<T, float>) pairs_backward_f32(G, c, vb, b, e, grad, grad_ld, gW);
-  else pairs_backward_f64(G, c, vb, b, e, grad, grad_ld, gW);
+void run_units_forward(const T* G, const BiCtx<T>& c, int64_t vb, int64_t vc, int64_t b,
+                       int64_t e, T* out, int64_t out_ld) {
+  if constexpr (std::is_same_v<T, float>) units_forward_f32(G, c, vb, vc, b, e, out, out_ld);
+  else units_forward_f64(G, c, vb, vc, b, e, out, out_ld);
+}
+
+template <typename T>
+void run_units_backward(T* G, const BiCtx<T>& c, int64_t vb, int64_t vc, int64_t b, int64_t e,
+                        const T* grad, int64_t grad_ld, T* gW) {
+  if constexpr (std::is_same_v<T, float>) units_backward_f32(G, c, vb, vc, b, e, grad, grad_ld, gW);
+  else units_backward_f64(G, c, vb, vc, b, e, grad, grad_ld, gW);
 }
 
 template <typename T>
@@ -542,8 +584,6 @@ BiCtx<T> make_ctx(const BiGeometry& g, const at::Tensor* w, const at::Tensor* wT
   c.pw = w[1].const_data_ptr<T>();
   c.ww2 = w[2].const_data_ptr<T>();
   c.pw2 = w[3].const_data_ptr<T>();
-  c.wwT = wT[0].const_data_ptr<T>();
-  c.pwT = wT[1].const_data_ptr<T>();
   c.ww2T = wT[2].const_data_ptr<T>();
   c.pw2T = wT[3].const_data_ptr<T>();
   c.s = static_cast<T>(1.0 / tau);
@@ -578,9 +618,10 @@ at::Tensor bi_isa_fwd_cpu(const at::Tensor& words_in, const at::Tensor& patches_
                    patches2d.narrow(0, v0 * g.P, vb * g.P).t());
         const scalar_t* Gp = G.const_data_ptr<scalar_t>();
         c.ld = vb * g.P;
-        at::parallel_for(0, tb * vb, 1, [&](int64_t begin, int64_t end) {
+        const int64_t vc = unit_videos(g, vb), units = tb * ((vb + vc - 1) / vc);
+        at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
           FlushDenormals ftz;
-          run_pairs_forward(Gp, c, vb, begin, end, op + t0 * g.Bv + v0, g.Bv);
+          run_units_forward(Gp, c, vb, vc, begin, end, op + t0 * g.Bv + v0, g.Bv);
         });
       }
     }
@@ -629,9 +670,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           at::mm_out(G, wblk, pblk.t());
           scalar_t* Gp = G.mutable_data_ptr<scalar_t>();
           c.ld = vb * g.P;
-          at::parallel_for(0, tb * vb, 1, [&](int64_t begin, int64_t end) {
+          const int64_t vc = unit_videos(g, vb), units = tb * ((vb + vc - 1) / vc);
+          at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
             FlushDenormals ftz;
-            run_pairs_backward(Gp, c, vb, begin, end, gp + t0 * g.Bv + v0, g.Bv,
+            run_units_backward(Gp, c, vb, vc, begin, end, gp + t0 * g.Bv + v0, g.Bv,
                                gWbase + at::get_thread_num() * 2 * (LL + PP));
           });
           // G[t, l, v, p] = <words[t, l], patches[v, p]>, so with dG in place of G:
