@@ -40,11 +40,22 @@ at::Tensor token_shift_fwd_cpu(const at::Tensor& x_in, int64_t num_frames, int64
   const char* src = static_cast<const char*>(x.const_data_ptr());
   char* dst = static_cast<char*>(y.mutable_data_ptr());
   at::parallel_for(0, g.rows, grain(g, x.element_size()), [&](int64_t begin, int64_t end) {
+    // Rows whose sources are consecutive too (most tokens stay in their frame) are copied by
+    // one memcpy: per-row 3 KiB copies ran at 70% of a plain copy's bandwidth.
+    int64_t run_dst = begin, run_src = -1, run_len = 0;
     for (int64_t r = begin; r < end; ++r) {
       const int64_t bt = r / g.N, n = r % g.N, t = bt % g.T;
-      const int64_t s = token_shift_source(t, n, g.T, g.fold, g.offset);
-      std::memcpy(dst + r * row_bytes, src + ((bt - t + s) * g.N + n) * row_bytes, row_bytes);
+      const int64_t src_row = (bt - t + token_shift_source(t, n, g.T, g.fold, g.offset)) * g.N + n;
+      if (run_len > 0 && src_row == run_src + run_len) {
+        ++run_len;
+        continue;
+      }
+      if (run_len > 0) std::memcpy(dst + run_dst * row_bytes, src + run_src * row_bytes, run_len * row_bytes);
+      run_dst = r;
+      run_src = src_row;
+      run_len = 1;
     }
+    if (run_len > 0) std::memcpy(dst + run_dst * row_bytes, src + run_src * row_bytes, run_len * row_bytes);
   });
   return y;
 }
