@@ -5,8 +5,9 @@ A case names an op, its inputs at one shape, and its modes. Providers are:
 reference), ``reference_ftz`` (the eager reference with ``torch.set_flush_denormal(True)``, for
 cases marked ``denormals=True``: on x86 CPUs the authors' tau = 0.01 softmaxes produce
 denormals whose microcode assists can dominate the reference's time; the fused CPU kernels
-flush them (csrc/include/tvr/fp_env.h), so both comparisons are reported), each fused backend that can run here (``cpp``, ``triton``, ``cuda``), and any
-baselines the case adds (e.g. ``copy`` = one read and one write of the same tensor).
+flush them (csrc/include/tvr/fp_env.h), so both comparisons are reported), each fused
+backend that can run here (``cpp``, ``triton``, ``cuda``), and any baselines the case adds
+(e.g. ``copy`` = one read and one write of the same tensor).
 
 Each (case, mode, provider) runs in a fresh process so that peak memory is measured, not
 estimated. On CPU, one call after the warm-up is measured for memory: glibc's mmap threshold
