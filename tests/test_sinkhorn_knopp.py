@@ -83,6 +83,22 @@ def test_cpp_matches_reference(device, shape, n_iters, log_domain, kind):
         check_backend(backend, device, shape, n_iters, log_domain, kind)
 
 
+@pytest.mark.parametrize("log_domain", [False, True], ids=["prob", "log"])
+@pytest.mark.parametrize("shape", [(301, 229), (1027, 67)], ids=str)
+def test_cpp_parallel_chunks(shape, log_domain):
+    """Shapes large enough for the C++ kernel to split rows across two threads (>= 32K logits
+    a chunk), with row counts that leave partial row blocks and column counts that leave
+    partial vector lanes."""
+    if "cpp" not in fused_backends("cpu", ("cpp",)):
+        pytest.skip("extension not built")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        check_backend("cpp", "cpu", shape, 3, log_domain, "ucofia")
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(7, 3), (45, 13), (3, 100)], ids=str)
 @pytest.mark.parametrize("log_domain", [False, True], ids=["prob", "log"])
@@ -92,14 +108,15 @@ def test_float64(device, shape, log_domain):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_cpp_half_types(dtype):
+@pytest.mark.parametrize("log_domain", [False, True], ids=["prob", "log"])
+def test_cpp_half_types(dtype, log_domain):
     """Half logits are computed in float32 (reference and kernel) and rounded once."""
     if "cpp" not in fused_backends("cpu", ("cpp",)):
         pytest.skip("extension not built")
     x = make_logits(45, 13, "ucofia", dtype)
     gr, gc = torch.randn(45, dtype=dtype), torch.randn(13, dtype=dtype)
-    row, col, g = run("cpp", x, 4, True, gr, gc)
-    rr, cr, gref = run("reference!", x, 4, True, gr, gc)
+    row, col, g = run("cpp", x, 4, log_domain, gr, gc)
+    rr, cr, gref = run("reference!", x, 4, log_domain, gr, gc)
     assert row.dtype == col.dtype == g.dtype == dtype
     for a, b in [(row, rr), (col, cr)]:
         close(a.float(), b.float(), dtype=dtype)

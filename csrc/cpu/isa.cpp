@@ -336,7 +336,7 @@ TVR_ROW void cols_softmax(T* V, int64_t n_, int64_t K_, T s, T* tmp) {
   for (int64_t i = 0; i < n; ++i)
 #pragma omp simd
     for (int64_t k = 0; k < K; ++k) {
-      const T e = fast_exp((V[i * K + k] - m[k]) * s);
+      const T e = fast_exp_nonpos((V[i * K + k] - m[k]) * s);
       V[i * K + k] = e;
       sum[k] += e;
     }

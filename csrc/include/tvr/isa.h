@@ -12,8 +12,8 @@
 //   y also reads x directly (gy w_i), and a = softmax(s x):
 //   gx_i = gy w_i + s a_i (da_i - sum_k a_k da_k).
 // Loops are written over contiguous memory (the transposed weight WT turns W db into a sum
-// of rows) so the compiler vectorises them; exp is tvr::fast_exp (tvr/fast_math.h: glibc's
-// expf is a scalar call and dominates Bi-ISA otherwise).
+// of rows) so the compiler vectorises them; exp is tvr::fast_exp_nonpos (tvr/fast_math.h; the
+// softmax arguments are <= 0; glibc's expf is a scalar call and dominates Bi-ISA otherwise).
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -44,7 +44,7 @@ TVR_ROW void isa_softmax(T* v, int64_t n_, T s) {
 #pragma omp simd reduction(max : m)
   for (int64_t i = 0; i < n; ++i) m = v[i] > m ? v[i] : m;
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) v[i] = fast_exp((v[i] - m) * s);
+  for (int64_t i = 0; i < n; ++i) v[i] = fast_exp_nonpos((v[i] - m) * s);
   T sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) sum += v[i];
