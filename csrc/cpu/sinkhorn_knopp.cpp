@@ -74,7 +74,8 @@ constexpr int kBlock = 4;   // rows per column update
 // last one of L lies past its end, which a prefetch tolerates but pointer arithmetic does not).
 template <typename T>
 TVR_SK_INLINE void prefetch_lanes(uintptr_t at) {
-  for (size_t o = 0; o < kLanes * sizeof(T); o += 64) __builtin_prefetch(reinterpret_cast<const void*>(at + o), 0, 2);
+  for (size_t o = 0; o < kLanes * sizeof(T); o += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(at + o), 0, 2);
 }
 
 // The address of the row after `x` (rows of n elements).
@@ -86,7 +87,8 @@ TVR_SK_INLINE uintptr_t next_row(const T* x, int64_t n) {
 // Reduce term(j) for j < n with `combine` over kLanes accumulators, prefetching the row at
 // address pf (0: none) alongside.
 template <typename T, typename Combine, typename Term>
-TVR_SK_INLINE T lane_reduce(int64_t n, uintptr_t pf, T init, const Combine& combine, const Term& term) {
+TVR_SK_INLINE T lane_reduce(int64_t n, uintptr_t pf, T init, const Combine& combine,
+                            const Term& term) {
   T acc[kLanes];
   for (int l = 0; l < kLanes; ++l) acc[l] = init;
   int64_t j = 0;
@@ -108,10 +110,11 @@ TVR_SK_INLINE T lane_sum(int64_t n, uintptr_t pf, const Term& term) {
 
 template <typename T, typename Term>
 TVR_SK_INLINE T lane_max(int64_t n, uintptr_t pf, const Term& term) {
-  return lane_reduce(n, pf, -std::numeric_limits<T>::infinity(), [](T a, T b) { return std::max(a, b); }, term);
+  return lane_reduce(n, pf, -std::numeric_limits<T>::infinity(),
+                     [](T a, T b) { return std::max(a, b); }, term);
 }
 
-// body(j) for j < n, vectorised over kLanes at a time, prefetching the row at address pf alongside.
+// body(j) for j < n, vectorised kLanes at a time, prefetching the row at address pf alongside.
 template <typename T, typename Body>
 TVR_SK_INLINE void for_lanes(int64_t n, uintptr_t pf, const Body& body) {
   int64_t j = 0;
@@ -148,7 +151,8 @@ TVR_SK_INLINE void k_stats(const T* x, int64_t n, T* colmax, T& mx, T& bad) {
 // colacc += exp(x - shift), shift >= x (the maximum, or the column maxima).
 template <typename T>
 TVR_SK_INLINE void k_expsum(const T* x, int64_t n, const T* shift, T* colacc) {
-  for_lanes<T>(n, next_row(x, n), [&](int64_t j) { colacc[j] += fast_exp_nonpos(x[j] - shift[j]); });
+  for_lanes<T>(n, next_row(x, n),
+               [&](int64_t j) { colacc[j] += fast_exp_nonpos(x[j] - shift[j]); });
 }
 
 // Probability domain, R rows: k = exp(x_r - m); a_r = 1 / (k . b); colacc += a_r k.
