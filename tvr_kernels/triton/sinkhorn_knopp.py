@@ -19,6 +19,18 @@ from .._backend import triton_interpret
 
 
 @triton.jit
+def _logit_tile(L_ptr, rows, rmask, v0, Nv, ACC: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The [BLOCK_R, BLOCK_V] tile of the logits at columns v0.. of `rows`, in ACC (0 where
+    masked), with its columns, column mask, tile mask and flat offsets."""
+    cols = v0 + tl.arange(0, BLOCK_V)
+    cmask = cols < Nv
+    mask = rmask[:, None] & cmask[None, :]
+    offs = rows[:, None] * Nv + cols[None, :]
+    x = tl.load(L_ptr + offs, mask=mask, other=0.0).to(ACC)
+    return cols, cmask, mask, offs, x
+
+
+@triton.jit
 def _colsum_kernel(L_ptr, shift_ptr, part_ptr, Nq, Nv,
                    PER_COL: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
     """part[pid, j] = sum over this program's rows of exp(L_ij - shift) (shift = m: shift_ptr
@@ -27,10 +39,7 @@ def _colsum_kernel(L_ptr, shift_ptr, part_ptr, Nq, Nv,
     rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < Nq
     for v0 in range(0, Nv, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        cmask = cols < Nv
-        mask = rmask[:, None] & cmask[None, :]
-        x = tl.load(L_ptr + rows[:, None] * Nv + cols[None, :], mask=mask, other=0.0).to(ACC)
+        cols, cmask, mask, offs, x = _logit_tile(L_ptr, rows, rmask, v0, Nv, ACC, BLOCK_V)
         if PER_COL:
             sh = tl.load(shift_ptr + cols, mask=cmask, other=0.0)
             e = tl.exp(x - sh[None, :])
@@ -55,10 +64,7 @@ def _iter_kernel(L_ptr, vec_ptr, f_ptr, part_ptr, m_ptr, Nq, Nv,
     rmax = tl.full((BLOCK_R,), -float("inf"), ACC)
     s = tl.zeros((BLOCK_R,), ACC)
     for v0 in range(0, Nv, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        cmask = cols < Nv
-        mask = rmask[:, None] & cmask[None, :]
-        x = tl.load(L_ptr + rows[:, None] * Nv + cols[None, :], mask=mask, other=0.0).to(ACC)
+        cols, cmask, mask, offs, x = _logit_tile(L_ptr, rows, rmask, v0, Nv, ACC, BLOCK_V)
         vec = tl.load(vec_ptr + cols, mask=cmask, other=0.0)
         if LOG:
             v = tl.where(mask, x + vec[None, :], -float("inf"))
@@ -78,10 +84,7 @@ def _iter_kernel(L_ptr, vec_ptr, f_ptr, part_ptr, m_ptr, Nq, Nv,
     tl.store(f_ptr + rows, f, mask=rmask)
     # walk 2: this tile's share of the column sums
     for v0 in range(0, Nv, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        cmask = cols < Nv
-        mask = rmask[:, None] & cmask[None, :]
-        x = tl.load(L_ptr + rows[:, None] * Nv + cols[None, :], mask=mask, other=0.0).to(ACC)
+        cols, cmask, mask, offs, x = _logit_tile(L_ptr, rows, rmask, v0, Nv, ACC, BLOCK_V)
         vec = tl.load(vec_ptr + cols, mask=cmask, other=0.0)
         if LOG:
             p = tl.exp(x + vec[None, :] + f[:, None])
@@ -102,10 +105,7 @@ def _bwd_kernel(L_ptr, f_ptr, gt_ptr, gp_ptr, dgt_ptr, dfin_ptr, dL_ptr, part_pt
     f = tl.load(f_ptr + rows, mask=rmask, other=0.0)
     dot = tl.zeros((BLOCK_R,), ACC)
     for v0 in range(0, Nv, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        cmask = cols < Nv
-        mask = rmask[:, None] & cmask[None, :]
-        x = tl.load(L_ptr + rows[:, None] * Nv + cols[None, :], mask=mask, other=0.0).to(ACC)
+        cols, cmask, mask, offs, x = _logit_tile(L_ptr, rows, rmask, v0, Nv, ACC, BLOCK_V)
         gt = tl.load(gt_ptr + cols, mask=cmask, other=0.0)
         dg = tl.load(dgt_ptr + cols, mask=cmask, other=0.0)
         pg = tl.where(mask, tl.exp(x + f[:, None] + gt[None, :]), 0.0)
@@ -115,11 +115,7 @@ def _bwd_kernel(L_ptr, f_ptr, gt_ptr, gp_ptr, dgt_ptr, dfin_ptr, dL_ptr, part_pt
     else:
         df = -dot
     for v0 in range(0, Nv, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        cmask = cols < Nv
-        mask = rmask[:, None] & cmask[None, :]
-        offs = rows[:, None] * Nv + cols[None, :]
-        x = tl.load(L_ptr + offs, mask=mask, other=0.0).to(ACC)
+        cols, cmask, mask, offs, x = _logit_tile(L_ptr, rows, rmask, v0, Nv, ACC, BLOCK_V)
         gt = tl.load(gt_ptr + cols, mask=cmask, other=0.0)
         gp = tl.load(gp_ptr + cols, mask=cmask, other=0.0)
         dg = tl.load(dgt_ptr + cols, mask=cmask, other=0.0)
@@ -139,11 +135,7 @@ def _bwd0_kernel(L_ptr, g0_ptr, dg0_ptr, dL_ptr, Nq, Nv,
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < Nq
     for v0 in range(0, Nv, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        cmask = cols < Nv
-        mask = rmask[:, None] & cmask[None, :]
-        offs = rows[:, None] * Nv + cols[None, :]
-        x = tl.load(L_ptr + offs, mask=mask, other=0.0).to(ACC)
+        cols, cmask, mask, offs, x = _logit_tile(L_ptr, rows, rmask, v0, Nv, ACC, BLOCK_V)
         g0 = tl.load(g0_ptr + cols, mask=cmask, other=0.0)
         dg = tl.load(dg0_ptr + cols, mask=cmask, other=0.0)
         d = tl.load(dL_ptr + offs, mask=mask, other=0.0) - dg[None, :] * tl.exp(x + g0[None, :])
