@@ -11,6 +11,10 @@ so the weight gradient is a sum of cancelling O(1) terms and float32 rounding al
 reference too) moves it by ~1e-6 while it is ~1e-4.
 """
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -242,6 +246,159 @@ def test_bi_isa_cpp_crosses_blocks():
     if "cpp" not in fused_backends("cpu", ("cpp",)):
         pytest.skip("C++ extension not built")
     _check_bi("cpp", "cpu", (17, 35, 64, 64, 8, "clip"), torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton: the large-n ISA path, Bi-ISA backward chunks, determinism, limits, GPU compilation.
+
+def _triton_isa_module():
+    if "triton" not in fused_backends("cpu", ("triton",)):
+        pytest.skip("triton interpreter unavailable")
+    from tvr_kernels.triton import isa as triton_isa
+    return triton_isa
+
+
+TILED_CASES = [
+    ((5, 7, 33), -1, "clip"),     # three column blocks of 16, the last ragged
+    ((4, 17), -1, "cos"),
+    ((9, 3), 0, "dot"),           # one block
+    ((3, 2, 40), -1, "clip"),
+]
+
+
+@pytest.mark.parametrize("case", TILED_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_isa_triton_tiled_path(monkeypatch, case, dtype):
+    """The path for n too large to hold a row and the weight whole (n > 64 on a GPU), forced
+    here at small n with 16-wide column blocks, and a scratch of a few rows so that the
+    backward runs in several row chunks (the last one ragged)."""
+    triton_isa = _triton_isa_module()
+    monkeypatch.setattr(triton_isa, "_ISA_ROWS_MAX_N", 8)
+    monkeypatch.setattr(triton_isa, "_ISA_TILE_C", 16)
+    n = case[0][case[1]]
+    monkeypatch.setattr(triton_isa, "_ISA_SCRATCH_BYTES", 2 * n * dtype.itemsize * 4)  # 4 rows
+    assert triton_isa._isa_plan(10, n, dtype.itemsize)["tiled"]
+    _check_isa("triton", "cpu", *case, dtype)
+
+
+def test_isa_triton_vit_patches():
+    """n = 196 (ViT-B/16 patches) takes the tiled path with its GPU block width."""
+    triton_isa = _triton_isa_module()
+    assert triton_isa._isa_plan(6, 196, 4)["tiled"]
+    _check_isa("triton", "cpu", (2, 3, 196), -1, "clip", torch.float32)
+
+
+def _bi_pair_bytes(L, P, itemsize):
+    return (5 * L * P + 2 * (L + P)) * itemsize
+
+
+@pytest.mark.parametrize("pairs,chunk", [(10, (2, 5)), (3, (1, 3))], ids=["texts", "videos"])
+def test_bi_isa_triton_chunks(monkeypatch, pairs, chunk):
+    """The backward's buffers hold a chunk of pairs: forced small, texts (and videos) split
+    into several chunks, the last ragged. The forward's grid limit, forced down, splits the
+    texts too. D = 150 also spans two blocks of D."""
+    triton_isa = _triton_isa_module()
+    Bt, Bv, L, P = 3, 5, 7, 5
+    monkeypatch.setattr(triton_isa, "_BI_BWD_BUFFER_BYTES", pairs * _bi_pair_bytes(L, P, 4))
+    monkeypatch.setattr(triton_isa, "_MAX_GRID", 2 * Bv - 1)    # one text per launch
+    assert triton_isa._bi_chunks(Bt, Bv, L, P, 4) == chunk
+    _check_bi("triton", "cpu", (Bt, Bv, L, P, 150, "clip"), torch.float32)
+
+
+def test_triton_backward_is_deterministic(monkeypatch):
+    """Bitwise the same gradients on a second run (no atomics: fixed summation orders)."""
+    triton_isa = _triton_isa_module()
+    L, P = 9, 17
+    monkeypatch.setattr(triton_isa, "_BI_BWD_BUFFER_BYTES", 4 * _bi_pair_bytes(L, P, 4))
+    bi = _bi_inputs(3, 4, L, P, 24, "clip", torch.float32)
+    g = torch.randn(3, 4)
+    sim, W = _sims(6, 5, 40, kind="clip", dtype=torch.float32), _weight(40, torch.float32)
+    gs = torch.randn(6, 5)
+    with tk.use_backend("triton"):
+        runs = [_grads(tk.bi_isa, bi, g)[1] + _grads(tk.isa, [sim, W], gs)[1] for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_bi_isa_triton_rejects_large_L_or_P():
+    """The weight tiles are held whole: the launcher refuses L or P > 64 before launching."""
+    _triton_isa_module()
+    words, patches = torch.randn(2, 129, 4), torch.randn(3, 5, 4)
+    ws = [torch.eye(n) for n in (129, 5, 129, 5)]
+    with tk.use_backend("triton"), pytest.raises(ValueError, match=r"L = 129 and P = 5 .* <= 64"):
+        tk.bi_isa(words, patches, *ws)
+
+
+_COMPILE_SCRIPT = r"""
+import json, os, re, subprocess, sys
+import torch, triton
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+except ImportError as e:
+    print(json.dumps({"skip": f"triton compile API unavailable: {e}"})); sys.exit(0)
+from tvr_kernels.triton import isa as K
+
+target = GPUTarget("cuda", 90, 32)
+backend = make_backend(target)
+found = []
+
+class Stop(Exception):
+    pass
+
+def launch_of(fn):
+    def launch(*args, **kwargs):       # compile the launch's specialisation instead of running
+        binder = create_function_from_signature(fn.signature, fn.params, backend)
+        bound, spec, opts = binder(*args, **kwargs)
+        options, sig, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+        ck = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=target,
+                            options=options.__dict__)
+        found.append({"kernel": fn.fn.__name__, "shared": ck.metadata.shared})
+        raise Stop
+    return launch
+
+JITFunction.__getitem__ = lambda self, grid: launch_of(self)
+
+def run(f, *args):
+    try:
+        f(*args)
+    except Stop:
+        pass
+
+f32 = dict(dtype=torch.float32)
+for n in (48, 196):        # the rows path and the tiled path
+    x, w = torch.randn(64, n, **f32), torch.randn(n, n, **f32)
+    run(K.isa_fwd, x, w, 0.01)
+    run(K.isa_bwd, torch.randn(64, **f32), x, w, 0.01)
+words, patches = torch.randn(64, 32, 512, **f32), torch.randn(64, 48, 512, **f32)
+ws = [torch.randn(n, n, **f32) for n in (32, 48, 32, 48)]
+run(K.bi_isa_fwd, words, patches, *ws, 0.01)
+run(K.bi_isa_bwd, torch.randn(64, 64, **f32), words, patches, *ws, 0.01)
+print(json.dumps({"kernels": found}))
+"""
+
+
+def test_triton_kernels_compile_for_sm90(tmp_path):
+    """The launches at the papers' shapes (ISA n = 48 and 196, Bi-ISA L = 32, P = 48, D = 512;
+    float32) compile for sm_90 (no GPU needed: Triton compiles for a target) within its
+    shared memory. The interpreter enforces none of the compiler's rules."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    import json
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    if "skip" in res:
+        pytest.skip(res["skip"])
+    names = [k["kernel"] for k in res["kernels"]]
+    assert names == ["_isa_rows_fwd_kernel", "_isa_rows_bwd_kernel", "_isa_tiled_fwd_kernel",
+                     "_isa_tiled_bwd_kernel", "_bi_isa_fwd_kernel", "_bi_isa_bwd_kernel"], names
+    for k in res["kernels"]:
+        assert k["shared"] <= 232448, k    # sm_90's shared memory per block
 
 
 def test_bi_isa_noncontiguous_and_half():

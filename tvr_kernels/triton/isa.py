@@ -37,16 +37,26 @@ from . import device_guard
 
 _PRECISION: tl.constexpr = tl.constexpr("ieee")
 
-# isa: largest n held whole in registers (rows path); above it, the tiled path.
+# isa: largest n held whole in registers (rows path; half that in float64, whose backward
+# spills at BLOCK_N = 64); above it, the tiled path.
 _ISA_ROWS_MAX_N = 64
-# isa, tiled path: width of the column blocks on a GPU.
+# isa, rows path: warps per program (forward, backward) by BLOCK_N (at 64, 4 warps make the
+# backward use all 255 registers, 8 warps 79).
+_ISA_ROWS_WARPS = {16: (4, 4), 32: (4, 4), 64: (4, 8)}
+# isa, tiled path: width of the column blocks on a GPU, and warps (forward, backward).
 _ISA_TILE_C = 32
+_ISA_TILED_WARPS = (4, 4)
 # isa, rows path backward: programs (each one weight-gradient partial of n * n).
 _ISA_BWD_PROGRAMS = 1024
 # isa, tiled path backward: bytes of the B / dL/dB scratch; rows are processed in chunks.
 _ISA_SCRATCH_BYTES = 64 << 20
-# bi_isa: largest L and P (the [L, L] and [P, P] weight tiles go through shared memory).
-_BI_MAX_N = 128
+# Grid axis 0 limit of CUDA.
+_MAX_GRID = 2**31 - 1
+# bi_isa: largest L and P. The kernels hold the [L, P] tile and the [L, L] and [P, P] weights
+# whole: at 128 (sm_80, 8 warps) float32 takes 131-147 KiB of shared memory, spills 47-90 KB
+# of registers and compiles for minutes; float64 needs 256-288 KiB (over the limit). At 64
+# they compile in seconds within 82 KiB.
+_BI_MAX_N = 64
 # bi_isa backward: bytes of the buffers of one chunk of (text, video) pairs.
 _BI_BWD_BUFFER_BYTES = 64 << 20
 # bi_isa: warps per program, forward and backward.
@@ -296,18 +306,20 @@ def _scale(tau: float, x: torch.Tensor) -> torch.Tensor:
     return torch.full((1,), 1.0 / tau, dtype=_acc(x)[1], device=x.device)
 
 
-def _isa_plan(R: int, n: int) -> dict:
-    """Path and launch parameters of isa for [R, n] rows."""
-    if n <= _ISA_ROWS_MAX_N:
+def _isa_plan(R: int, n: int, acc_bytes: int, backward: bool = False) -> dict:
+    """Path and launch parameters of isa for [R, n] rows (accumulating in acc_bytes floats)."""
+    if n <= (_ISA_ROWS_MAX_N if acc_bytes <= 4 else _ISA_ROWS_MAX_N // 2):
         block_n = max(16, triton.next_power_of_2(n))     # tl.dot needs every dimension >= 16
         if triton_interpret():  # each program instance costs milliseconds: few, large programs
             block_r = max(16, min(triton.next_power_of_2(max(R, 1)), 1024))
         else:
-            block_r = max(16, min(64, 1024 // block_n))
-        return dict(tiled=False, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4)
+            block_r = max(16, min(64, 1024 // block_n * 4 // acc_bytes))
+        return dict(tiled=False, BLOCK_R=block_r, BLOCK_N=block_n,
+                    num_warps=_ISA_ROWS_WARPS[block_n][backward])
     block_c = min(_ISA_TILE_C, triton.next_power_of_2(n))
     block_r = max(16, min(triton.next_power_of_2(max(R, 1)), 1024)) if triton_interpret() else 16
-    return dict(tiled=True, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+    return dict(tiled=True, BLOCK_R=block_r, BLOCK_C=block_c,
+                num_warps=_ISA_TILED_WARPS[backward])
 
 
 def isa_fwd(x: torch.Tensor, weight: torch.Tensor, tau: float) -> torch.Tensor:
@@ -316,8 +328,8 @@ def isa_fwd(x: torch.Tensor, weight: torch.Tensor, tau: float) -> torch.Tensor:
     y = torch.empty(R, device=x.device, dtype=x.dtype)
     if R == 0:
         return y
-    acc, _ = _acc(x)
-    plan = _isa_plan(R, n)
+    acc, acc_t = _acc(x)
+    plan = _isa_plan(R, n, acc_t.itemsize)
     kernel = _isa_tiled_fwd_kernel if plan.pop("tiled") else _isa_rows_fwd_kernel
     with device_guard(x):
         kernel[(triton.cdiv(R, plan["BLOCK_R"]),)](x, weight, y, _scale(tau, x), R, n, ACC=acc,
@@ -333,7 +345,7 @@ def isa_bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, tau: floa
     if R == 0:
         return gx, torch.zeros_like(weight)
     s = _scale(tau, x)
-    plan = _isa_plan(R, n)
+    plan = _isa_plan(R, n, acc_t.itemsize, backward=True)
     br = plan["BLOCK_R"]
     with device_guard(x):
         if not plan.pop("tiled"):
@@ -342,8 +354,9 @@ def isa_bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, tau: floa
             _isa_rows_bwd_kernel[(grid,)](grad, x, weight, gx, part, s, R, n, ACC=acc, **plan)
             return gx, part.sum(0).to(weight.dtype)
         # Rows in chunks: the scratch (B, then A; dL/dB) stays within _ISA_SCRATCH_BYTES.
-        rows = max(br, _ISA_SCRATCH_BYTES // (2 * n * acc_t.itemsize) // br * br)
-        rows = min(rows, triton.cdiv(R, br) * br)
+        rows = min(R, max(1, _ISA_SCRATCH_BYTES // (2 * n * acc_t.itemsize)))
+        if rows > br:
+            rows = rows // br * br        # whole blocks of rows per chunk
         a_buf = torch.empty(rows, n, device=x.device, dtype=acc_t)
         db_buf = torch.empty(rows, n, device=x.device, dtype=acc_t)
         gw = torch.zeros(n, n, device=x.device, dtype=acc_t)
@@ -423,17 +436,17 @@ def _path_bwd(X, M, N, w1_ptr, w2_ptr, g, s, fac_ptr, vec_ptr, pair, pairs, ACC:
 
 @triton.jit
 def _bi_isa_fwd_kernel(words_ptr, patches_ptr, ww_ptr, pw_ptr, ww2_ptr, pw2_ptr, out_ptr, s_ptr,
-                       Bv, L, P, D, ACC: tl.constexpr, BL: tl.constexpr, BP: tl.constexpr,
+                       t0, Bv, L, P, D, ACC: tl.constexpr, BL: tl.constexpr, BP: tl.constexpr,
                        BD: tl.constexpr):
-    """out [Bt, Bv]; program t * Bv + v scores the pair (t, v)."""
+    """out [Bt, Bv]; program tt * Bv + v scores the pair (t0 + tt, v)."""
     pid = tl.program_id(0).to(tl.int64)
-    t = pid // Bv
+    t = t0 + pid // Bv
     v = pid % Bv
     s = tl.load(s_ptr)
     G = _g_tile(words_ptr, patches_ptr, t, v, L, P, D, ACC, BL, BP, BD)
     sB = _path_fwd(G, L, P, pw_ptr, ww2_ptr, s, ACC, BL, BP)
     sA = _path_fwd(tl.trans(G), P, L, ww_ptr, pw2_ptr, s, ACC, BP, BL)
-    tl.store(out_ptr + pid + tl.arange(0, 1), ((sA + sB) / 2).to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + t * Bv + v + tl.arange(0, 1), ((sA + sB) / 2).to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -485,9 +498,13 @@ def bi_isa_fwd(words, patches, ww, pw, ww2, pw2, tau: float) -> torch.Tensor:
         return out
     acc, _ = _acc(words)
     args = [x.contiguous() for x in (words, patches, ww, pw, ww2, pw2)]
+    s = _scale(tau, words)
+    texts = max(1, _MAX_GRID // Bv)         # a launch's grid stays within CUDA's 2**31 - 1
     with device_guard(words):
-        _bi_isa_fwd_kernel[(Bt * Bv,)](*args, out, _scale(tau, words), Bv, L, P, D, ACC=acc,
-                                       BL=bl, BP=bp, BD=bd, num_warps=_BI_WARPS[0])
+        for t0 in range(0, Bt, texts):
+            nt = min(texts, Bt - t0)
+            _bi_isa_fwd_kernel[(nt * Bv,)](*args, out, s, t0, Bv, L, P, D, ACC=acc, BL=bl, BP=bp,
+                                           BD=bd, num_warps=_BI_WARPS[0])
     return out
 
 
