@@ -66,6 +66,16 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Set by tvr_kernels.compile_check while it records launches: Triton launchers then accept CPU
+# tensors (nothing runs; each launch is compiled for a GPU target instead).
+_launch_capture = False
+
+
+def triton_on_cpu() -> bool:
+    """True when the triton backend takes CPU tensors: the interpreter, or launch capture."""
+    return triton_interpret() or _launch_capture
+
+
 def cuda_available() -> bool:
     return torch.cuda.is_available()
 
@@ -83,7 +93,7 @@ def _why_unavailable(name: str) -> str | None:
     if name == "triton":
         if not triton_importable():
             return "triton is not installed"
-        if not (cuda_available() or triton_interpret()):
+        if not (cuda_available() or triton_on_cpu()):
             return "triton needs a CUDA device, or TRITON_INTERPRET=1 to run on CPU tensors"
         return None
     if not cuda_available():
@@ -141,7 +151,7 @@ def resolve(op: str, device: torch.device, requested: str, supported: Sequence[s
             raise RuntimeError(f"tvr::{op}: the cpp backend takes CPU tensors, got {device}")
         if requested == "cuda" and device.type != "cuda":
             raise RuntimeError(f"tvr::{op}: the cuda backend takes CUDA tensors, got {device}")
-        if requested == "triton" and device.type == "cpu" and not triton_interpret():
+        if requested == "triton" and device.type == "cpu" and not triton_on_cpu():
             raise RuntimeError(
                 f"tvr::{op}: triton on CPU tensors needs TRITON_INTERPRET=1 set before "
                 "tvr_kernels' Triton modules are imported")
