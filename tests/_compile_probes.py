@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from tvr_kernels import compile_check as cc
+from tvr_kernels.triton import device_guard
 
 _PLAIN_GLOBAL = 3  # not a constexpr: the compiler rejects reading it in a kernel
 
@@ -56,13 +57,15 @@ def main() -> None:
         _shape_changing_loop_kernel[(1,)](x, 3, BLOCK=16)
         _big_dot_kernel[(1,)](torch.randn(512, 256).half(), torch.empty(256, 256), BLOCK=256)
         _scale_kernel[(4, 70000)](x, x.numel(), 2.0, BLOCK=128)
-        _scale_kernel[(64,)](x, x.numel(), 2.0, BLOCK=64)
+        with device_guard(x):
+            _scale_kernel[(64,)](x, x.numel(), 2.0, BLOCK=64)
     names = ["plain_global", "int_arg_1", "int_arg_2", "loop_shape", "big_dot", "big_grid", "good"]
     for launch, name in zip(launches, names):
         launch.case = name
     results = cc.compile_all(launches, [int(sys.argv[1])], jobs=1)
     print(json.dumps({r.cases[0]: dict(error=r.error, smem_ok=r.smem_ok, grid_ok=r.grid_ok,
-                                       regs=r.regs, spills=r.spills, smem=r.smem)
+                                       regs=r.regs, spills=r.spills, smem=r.smem,
+                                       unguarded=r.unguarded)
                       for r in results}))
 
 

@@ -56,3 +56,4 @@ def test_probes_catch_what_the_interpreter_allows(arch):
     good = r["good"]
     assert good["error"] == "" and good["smem_ok"] and good["grid_ok"]
     assert good["regs"] > 0 and good["spills"] == 0
+    assert not good["unguarded"] and r["big_grid"]["unguarded"]  # launched outside device_guard

@@ -59,6 +59,7 @@ class Launch:
     args: tuple
     kwargs: dict
     case: str = ""
+    guarded: bool = True    # launched inside tvr_kernels.triton.device_guard
 
     @property
     def name(self) -> str:
@@ -80,6 +81,8 @@ class Result:
     num_warps: int | None = None
     error: str = ""
     seconds: float = 0.0
+    unguarded: bool = False
+
 
     @property
     def smem_ok(self) -> bool:
@@ -95,7 +98,7 @@ class Result:
 
     @property
     def ok(self) -> bool:
-        return not self.error and self.smem_ok and self.grid_ok
+        return not self.error and self.smem_ok and self.grid_ok and not self.unguarded
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,13 +113,15 @@ def recording() -> Iterator[list[Launch]]:
                            "@triton.jit kernels by Python functions that cannot be compiled")
     from triton.runtime.jit import JITFunction
 
+    from .triton import inside_device_guard
+
     launches: list[Launch] = []
 
     def run(self, *args, grid, warmup, **kwargs):
         if callable(grid):
             raise NotImplementedError("compile_check: callable grids are not recorded")
         g = tuple(int(x) for x in grid) + (1,) * (3 - len(grid))
-        launches.append(Launch(self, g, args, dict(kwargs)))
+        launches.append(Launch(self, g, args, dict(kwargs), guarded=inside_device_guard()))
         return None
 
     real_run = JITFunction.run
@@ -238,7 +243,7 @@ def compile_all(launches: list[Launch], archs: Iterable[int], jobs: int = 0,
     core); a result lists every case that produced it and the largest grid it ran with."""
     results: list[Result] = []
     todo: list[tuple[int, int]] = []
-    groups: list[tuple[list[str], tuple]] = []
+    groups: list[tuple[list[str], tuple, bool]] = []
     for arch in archs:
         seen: dict[str, int] = {}
         for i, launch in enumerate(launches):
@@ -249,14 +254,15 @@ def compile_all(launches: list[Launch], archs: Iterable[int], jobs: int = 0,
                                       error=f"{type(e).__name__}: {e}"))
                 continue
             if key in seen:
-                cases_, grid = groups[seen[key]]
+                cases_, grid, unguarded = groups[seen[key]]
                 if launch.case not in cases_:
                     cases_.append(launch.case)
-                groups[seen[key]] = (cases_, tuple(max(a, b) for a, b in zip(grid, launch.grid)))
+                groups[seen[key]] = (cases_, tuple(max(a, b) for a, b in zip(grid, launch.grid)),
+                                     unguarded or not launch.guarded)
                 continue
             seen[key] = len(todo)
             todo.append((i, arch))
-            groups.append(([launch.case], launch.grid))
+            groups.append(([launch.case], launch.grid, not launch.guarded))
     jobs = jobs or os.cpu_count() or 1
     if jobs > 1 and len(todo) > 1 and "fork" in multiprocessing.get_all_start_methods():
         # Forked workers inherit the recorded launches (tensors and kernels do not pickle).
@@ -276,9 +282,9 @@ def _compile_index_local(launches: list[Launch], job: tuple[int, int]) -> Result
     return compile_launch(launches[job[0]], job[1])
 
 
-def _report(r: Result, group: tuple[list[str], tuple],
+def _report(r: Result, group: tuple[list[str], tuple, bool],
             progress: Callable[[str], None] | None) -> Result:
-    r.cases, r.grid = group
+    r.cases, r.grid, r.unguarded = group
     if progress is not None:
         progress(format_row(r))
     return r
@@ -442,7 +448,7 @@ def format_row(r: Result) -> str:
     spill = "-" if r.spill_stores is None else f"{r.spill_stores}/{r.spill_loads}"
     smem = "-" if r.smem is None else f"{r.smem / 1024:.1f}"
     status = ("FAIL" if r.error else "SMEM" if not r.smem_ok else "GRID" if not r.grid_ok
-              else "spill" if r.spills else "ok")
+              else "GUARD" if r.unguarded else "spill" if r.spills else "ok")
     more = f" (+{len(r.cases) - 1} more)" if len(r.cases) > 1 else ""
     line = (f"{r.kernel:<32} sm_{r.arch:<2} {r.num_warps or '-':>5} {r.regs or '-':>4} "
             f"{spill:>13} {smem:>8} {str(r.grid):>18}  {status:<6}  {r.cases[0]}{more}")
@@ -491,7 +497,8 @@ def run_report(archs: list[int], ops: list[str], paper_only: bool = False) -> in
     failed = [r for r in results if not r.ok]
     spilled = [r for r in results if r.spills and any(c in paper for c in r.cases)]
     print(f"\n{len(results)} kernel specialisations compiled in {time.perf_counter() - t0:.0f} s: "
-          f"{len(failed)} failed (compile error, shared memory or grid over the limit), "
+          f"{len(failed)} failed (compile error, shared memory or grid over the limit, or "
+          f"launched outside device_guard), "
           f"{len(spilled)} spill registers at a papers' shape", flush=True)
     if not ops:
         missing = package_kernels() - {launch.name for launch in launches}
