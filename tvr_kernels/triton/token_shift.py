@@ -58,11 +58,12 @@ def _token_shift_bwd_kernel(g_ptr, gx_ptr, rows, C, N: tl.constexpr, T: tl.const
 
 
 def _gpu_blocks(rows: int, C: int, itemsize: int) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_C, num_warps) on a GPU for a pure copy, checked by compiling for
-    sm_80/sm_90 (no GPU timing yet). Tiles of 16 KiB over 4 warps: each thread moves 8
-    16-byte vectors (LDG.E.128 / STG.E.128 where C * itemsize is a multiple of 16, as at
-    C = 768), enough bytes in flight to saturate HBM at full occupancy (~60 registers). 256
-    channels divide the ViT widths 768 and 1024, so no column block is partly masked."""
+    """(BLOCK_R, BLOCK_C, num_warps) on a GPU for a pure copy. Tiles of 16 KiB over 4 warps:
+    each thread moves 8 16-byte vectors (LDG.E.128 / STG.E.128 where C * itemsize is a
+    multiple of 16, as at C = 768), 8 independent loads in flight per thread at 48 registers
+    (forward; backward 80-94), so ~10 programs fit an SM: meant for >= 80% of copy bandwidth
+    on an H100. Checked by compiling for sm_80/sm_90 (no spills, vector width), not yet timed
+    on a GPU. 256 channels divide the ViT widths 768 and 1024: no partly masked column block."""
     block_c = min(triton.next_power_of_2(C), 256)
     block_r = min(triton.next_power_of_2(rows), max(1, 16384 // (block_c * itemsize)))
     return block_r, block_c, 4
@@ -75,15 +76,16 @@ def _blocks(rows: int, C: int, itemsize: int) -> tuple[int, int, int]:
     return _gpu_blocks(rows, C, itemsize)
 
 
-# Row arithmetic (token, frame, source row) runs in int32 below this many rows: int64 division
-# by the constexpr N and T costs several times the instructions.
+# Row arithmetic (token, frame, source row) runs in int32 below this many rows: in int64 the
+# divisions by N and T take ~1.6x the instructions of a whole forward program.
 _INT32_ROWS = 2**31
 
 
 def _launch(kernel, src: torch.Tensor, num_frames: int, fold_div: int, offset: int, **extra):
     """N, T, fold and offset are constexprs: the per-row divisions and modulos by them become
-    multiply-shifts (a [192, 50, 768] float32 forward tile: 328 SASS instructions instead of
-    912 with runtime int64 divisors). Each model has one or two (N, T) pairs, each compiled once.
+    multiply-shifts. A thread of the [192, 50, 768] float32 forward (8 rows, 8 16-byte vectors)
+    runs 344 SASS instructions on sm_90; 544 with int64 row arithmetic, 912 with runtime int64
+    divisors. Each model has one or two (N, T) pairs, each compiled once.
     The grid has one program per 16 KiB, so axis 0 stays far below 2**31 for any tensor that
     fits in memory; axis 1 is cdiv(C, 256)."""
     src = src.contiguous()
