@@ -158,7 +158,11 @@ def perturbed_topk_fwd(scores: torch.Tensor, k: int, num_samples: int, sigma: fl
         _perturbed_topk_fwd_kernel[(b,)](
             scores, noise_arg, ind, w, d, k, S, sigma, lo, hi, HAS_NOISE=has_noise,
             GUMBEL=gumbel, HARD=hard, ACC=acc, BLOCK_S=_sample_block(S, 4 * block_q, k_pad),
-            BLOCK_Q=block_q, K_PAD=k_pad)
+            BLOCK_Q=block_q, K_PAD=k_pad,
+            # No fused multiply-add: the GPU compiler would turn scores + z * sigma into one
+            # FMA (one rounding), and a selection is only bit-exact with the reference (the
+            # authors' code) given the product rounded before the sum.
+            enable_fp_fusion=False)
     return ind, w
 
 
