@@ -18,7 +18,8 @@ FUSED = fused_backends("cpu", ("cpp", "triton"))
 ALL = ["reference", *FUSED]
 # Tests of the triton backend also run on cuda when there is one: these variants are collected
 # everywhere and skipped without a device (DEVICES has no cuda then).
-DEVICE_PARAMS = [pytest.param(d, marks=pytest.mark.skipif(d not in DEVICES, reason="no CUDA device"))
+DEVICE_PARAMS = [pytest.param(d, marks=pytest.mark.skipif(d not in DEVICES,
+                                                          reason="no CUDA device"))
                  for d in ("cpu", "cuda")]
 # Seeds whose low or high key word is 1 (Triton would specialise such an argument to a constexpr).
 SEEDS = [1, 2 ** 32 + 7]

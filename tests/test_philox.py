@@ -9,7 +9,8 @@ from conftest import DEVICES, fused_backends
 # 1 and 2**32 + 7 have a key word equal to 1, which Triton would specialise to a constexpr.
 SEEDS = [0, 1, 2 ** 32 + 7, 2 ** 62 + 12345]
 # cuda variants are collected everywhere and skipped without a device (DEVICES has no cuda).
-DEVICE_PARAMS = [pytest.param(d, marks=pytest.mark.skipif(d not in DEVICES, reason="no CUDA device"))
+DEVICE_PARAMS = [pytest.param(d, marks=pytest.mark.skipif(d not in DEVICES,
+                                                          reason="no CUDA device"))
                  for d in ("cpu", "cuda")]
 
 
@@ -84,7 +85,8 @@ class Compile:
         def launch(*args, **kwargs):
             binder = create_function_from_signature(self.fn.signature, self.fn.params, backend)
             bound, spec, opts = binder(*args, **kwargs)
-            options, sig, constexprs, attrs = self.fn._pack_args(backend, kwargs, bound, spec, opts)
+            options, sig, constexprs, attrs = self.fn._pack_args(backend, kwargs, bound, spec,
+                                                                 opts)
             triton.compile(ASTSource(self.fn, sig, constexprs, attrs), target=target,
                            options=options.__dict__)
             compiled.append(self.fn.__name__)

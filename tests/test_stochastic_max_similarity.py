@@ -210,7 +210,8 @@ def test_gradient_float32_cpp():
 TRITON_SHAPES = [(2, 3, 3, 7, 3), (1, 1, 1, 1, 1), (3, 2, 12, 9, 4), (1, 4, 2, 33, 2)]
 GPU_SHAPES = [(16, 24, 12, 512, 20), (5, 19, 12, 64, 7)]
 # cuda variants are collected everywhere and skipped without a device (DEVICES has no cuda).
-DEVICE_PARAMS = [pytest.param(d, marks=pytest.mark.skipif(d not in DEVICES, reason="no CUDA device"))
+DEVICE_PARAMS = [pytest.param(d, marks=pytest.mark.skipif(d not in DEVICES,
+                                                          reason="no CUDA device"))
                  for d in ("cpu", "cuda")]
 # Compiled for the GPU, Triton's float32 exp, sqrt and division are approximate instructions
 # (ex2.approx, sqrt.approx, div.full: ~2 ulp each; log/sin/cos go through libdevice, ~1 ulp),

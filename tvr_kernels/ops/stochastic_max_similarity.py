@@ -2,8 +2,9 @@
 
 Kernels: csrc/cpu/stochastic_max_similarity.cpp (cpp), tvr_kernels/triton/
 stochastic_max_similarity.py (triton, forward and backward: CUDA tensors, or CPU tensors under
-``TRITON_INTERPRET=1``); reference: tvr_kernels/reference/stochastic_max_similarity.py. ``best`` is an integer output and carries no gradient; ``noise``
-(when injected) is treated as a constant.
+``TRITON_INTERPRET=1``); reference: tvr_kernels/reference/stochastic_max_similarity.py.
+``best`` is an integer output and carries no gradient; ``noise`` (when injected) is treated as
+a constant.
 """
 from __future__ import annotations
 

@@ -13,8 +13,8 @@ on a 1-D grid of (row, column block) programs.
 
 Compiled for sm_80 and sm_90 (triton 3.7.1, ``ptxas -v``) at the papers' shapes ([192, 49] and
 [192, 196], k = 3, S = 500; seeded normal/Gumbel, injected noise, hard; float32/16, bfloat16,
-float64): forward 120-221 registers (float64 seeded the most), no spills, at most 4 KiB of
-shared memory; backward 26-40 registers.
+float64): soft forward 118-221 registers (float64 seeded the most), hard 21-33, no spills, at
+most 4 KiB of shared memory; backward 26-40 registers.
 """
 import torch
 import triton
