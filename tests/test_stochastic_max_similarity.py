@@ -319,6 +319,13 @@ def test_triton_backward_video_blocks(device, monkeypatch):
     monkeypatch.setattr(tri, "_videos_per_program", lambda Nv: 2)
     for source in ("uniform", "noise"):
         _check_triton_backward(device, (2, 5, 3, 6, 3), source, torch.float64, offset=(1, 4))
+    # deterministic: no atomics, so a second run gives the same bits
+    inp = {k: v.to(device) for k, v in _inputs(2, 5, 3, 6).items()}
+    args = (torch.randn(2, 5, device=device), *inp.values(),
+            torch.randint(0, 3, (2, 5), device=device), 3, "normal", 0.5, 9, None, 0, 0, "triton")
+    first = torch.ops.tvr.stochastic_max_similarity_backward(*args)
+    again = torch.ops.tvr.stochastic_max_similarity_backward(*args)
+    assert all(torch.equal(x, y) for x, y in zip(first, again))
 
 
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
