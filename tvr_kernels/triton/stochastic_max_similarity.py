@@ -39,9 +39,11 @@ Numerics: half and bfloat16 load as is and compute in float32; float64 computes 
 
 Compiled for sm_80 and sm_90 (triton 3.7.1, ``ptxas -v``) at the paper's shape (Nt = Nv = 128,
 T = 12, D = 512, M = 20), every prior/noise source and dtype: forward 40-96 registers, backward
-56-128, no spills, 16-64 bytes of shared memory (the reductions). The float64 backward runs 8
-warps: at 4 it needed more than 128 registers and ptxas spilled 12-16 bytes. At tiny D (< 8)
-ptxas reported 4-8 byte spills at only 32-48 registers (a choice, not register pressure).
+56-128, no spills, 16-64 bytes of shared memory (the reductions). Warps: one per 64 elements of
+the tile, at most 4 (8 for the float64 backward, which at 4 spilled 12-16 bytes at D = 512).
+At some other D the float64 backward still spills 8-16 bytes (D = 33, 256 and 768 on sm_90):
+ptxas stops at an occupancy step (72, 96, 128 registers) rather than use more; float64 is for
+tests, so this is left as is.
 """
 import torch
 import triton
@@ -219,6 +221,13 @@ def _block_q(D: int) -> int:
     return max(triton.next_power_of_2((D + 3) // 4), 2)
 
 
+def _num_warps(block_q: int, max_warps: int) -> int:
+    """One warp per 64 elements of the ``[4, BLOCK_Q]`` tile (two a thread), at most
+    ``max_warps``: a small D gets one warp instead of threads holding copies (with which ptxas
+    also capped registers at 32 and spilled a few bytes)."""
+    return max(1, min(max_warps, 4 * block_q // 64))
+
+
 def stochastic_max_similarity_fwd(text, frames, pooled, radius_weight, radius_bias, num_samples,
                                   prior, std, seed, noise, text_offset, video_offset):
     """Same contract as ``torch.ops.tvr_C.stochastic_max_similarity_fwd``: ``(sims, best)``
@@ -235,7 +244,8 @@ def stochastic_max_similarity_fwd(text, frames, pooled, radius_weight, radius_bi
         _smsim_fwd_kernel[(Nt * Nv,)](
             text, frames, pooled, wt, b, nz, sims, best, Nt, Nv, T, D, (D + 3) // 4,
             num_samples, text_offset, video_offset, key_lo, key_hi, float(std),
-            HAS_NOISE=has_noise, NORMAL=(prior == "normal"), ACC=acc, BLOCK_Q=_block_q(D))
+            HAS_NOISE=has_noise, NORMAL=(prior == "normal"), ACC=acc, BLOCK_Q=_block_q(D),
+            num_warps=_num_warps(_block_q(D), 4))
     return sims, best
 
 
@@ -281,7 +291,7 @@ def stochastic_max_similarity_bwd(grad, text, frames, pooled, radius_weight, rad
             ACC=acc, BLOCK_Q=_block_q(D),
             # float64 at D = 512 needs 128+ registers a thread at 4 warps (ptxas spilled
             # 12-16 bytes on sm_90); 8 warps halve each thread's share of the tiles.
-            num_warps=8 if acc == tl.float64 else 4)
+            num_warps=_num_warps(_block_q(D), 8 if acc == tl.float64 else 4))
         tx, fx, w = text.to(ct), frames.to(ct), radius_weight.to(ct)
         t_norm = tx.norm(dim=-1, keepdim=True)                          # [Nt, 1]
         f_norm = fx.norm(dim=-1, keepdim=True)                          # [Nv, T, 1]
