@@ -82,6 +82,24 @@ def test_use_backend_is_per_thread():
     assert _backend.requested_backend() == ""
 
 
+def test_accelerator_fallback_to_reference_warns_once(monkeypatch):
+    """A non-CPU tensor no fused backend handles runs the reference, with one warning per op
+    (resolve is called with a device only: nothing runs on it)."""
+    monkeypatch.setattr(_backend, "_fallback_warned", set())
+    meta = torch.device("meta")
+    with pytest.warns(RuntimeWarning, match="tvr::token_shift on meta tensors runs the eager"):
+        assert _backend.resolve("token_shift", meta, "", _backend.BACKENDS) == "reference"
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _backend.resolve("token_shift", meta, "", _backend.BACKENDS) == "reference"
+    # a CUDA device without triton
+    monkeypatch.setattr(_backend, "triton_importable", lambda: False)
+    monkeypatch.setattr(_backend, "extension_has_cuda", lambda op="": False)
+    with pytest.warns(RuntimeWarning, match="isa on cuda tensors .*triton is not importable"):
+        assert _backend.resolve("isa", torch.device("cuda"), "", _backend.BACKENDS) == "reference"
+
+
 def test_info_runs():
     out = subprocess.run([sys.executable, "-m", "tvr_kernels.info"], capture_output=True, text=True,
                          check=True).stdout

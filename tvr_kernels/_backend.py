@@ -179,7 +179,25 @@ def resolve(op: str, device: torch.device, requested: str, supported: Sequence[s
             return "triton"
         if "cuda" in supported and extension_has_cuda():
             return "cuda"
+    _warn_reference_fallback(op, device)
     return "reference"
+
+
+_fallback_warned: set[tuple[str, str]] = set()
+
+
+def _warn_reference_fallback(op: str, device: torch.device) -> None:
+    """One warning per (op, device type) when an accelerator tensor runs the eager reference:
+    a user who expected a fused kernel must learn that they did not get one."""
+    key = (op, device.type)
+    if key in _fallback_warned:
+        return
+    _fallback_warned.add(key)
+    why = ("triton is not importable" if device.type == "cuda" and not triton_importable()
+           else f"no fused backend handles {device.type} tensors")
+    warnings.warn(f"tvr::{op} on {device.type} tensors runs the eager reference ({why}); "
+                  "`python -m tvr_kernels.info` shows the available backends.",
+                  RuntimeWarning, stacklevel=4)
 
 
 _warned = False
