@@ -171,11 +171,35 @@ def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int, int]:
     log = res.stdout + res.stderr
     if res.returncode != 0:
         raise RuntimeError(f"ptxas -v failed:\n{log}")
+    usage = _parse_ptxas(log)
+    if usage is None:
+        raise RuntimeError(f"unexpected ptxas -v output:\n{log}")
+    return usage
+
+
+def _parse_ptxas(log: str) -> tuple[int, int, int, int] | None:
+    """(registers, stack frame, spill stores, spill loads) from a `ptxas -v` log, or None."""
     regs = _PTXAS_LINE.search(log)
     spill = _SPILL_LINE.search(log)
     if regs is None or spill is None:
-        raise RuntimeError(f"unexpected ptxas -v output:\n{log}")
+        return None
     return int(regs.group(1)), int(spill.group(1)), int(spill.group(2)), int(spill.group(3))
+
+
+@contextlib.contextmanager
+def _ptxas_log_printed() -> Iterator[None]:
+    """Ask triton to print the log of the `ptxas -v` it runs (a knob since triton 3.4)."""
+    try:
+        from triton import knobs
+        before = knobs.nvidia.dump_ptxas_log
+    except (ImportError, AttributeError):
+        yield
+        return
+    knobs.nvidia.dump_ptxas_log = True
+    try:
+        yield
+    finally:
+        knobs.nvidia.dump_ptxas_log = before
 
 
 _BACKENDS: dict = {}
@@ -219,10 +243,16 @@ def compile_launch(launch: Launch, arch: int) -> Result:
         res.signature = ", ".join(f"{k}:{v}" for k, v in src.signature.items()
                                   if v != "constexpr")
         res.num_warps = options.num_warps
-        with contextlib.redirect_stdout(io.StringIO()):  # triton prints failing PTX in full
+        # Triton runs `ptxas -v` itself and prints its log when asked (and the failing PTX in
+        # full on an error): capture both. A kernel from triton's cache ran no ptxas, so then
+        # ptxas runs once more on its PTX.
+        out = io.StringIO()
+        with _ptxas_log_printed(), contextlib.redirect_stdout(out):
             ck = triton.compile(src, target=target, options=options.__dict__)
         res.smem = int(ck.metadata.shared)
-        res.regs, res.stack, res.spill_stores, res.spill_loads = _ptxas_usage(ck.asm["ptx"], arch)
+        usage = _parse_ptxas(out.getvalue())
+        res.regs, res.stack, res.spill_stores, res.spill_loads = (
+            usage if usage is not None else _ptxas_usage(ck.asm["ptx"], arch))
     except Exception as e:  # noqa: BLE001 -- a failure is this check's result
         msg = f"{type(e).__name__}: {e}"
         res.error = msg if len(msg) < 2000 else msg[:2000] + " ..."
