@@ -11,7 +11,7 @@ DEPS   := torch==2.13.0 triton==3.7.1 numpy pytest ninja setuptools wheel \
 SOURCES := $(shell find csrc -type f) setup.py
 EXT_STAMP := $(VENV)/.ext-built
 
-.PHONY: install test test-all bench clean info
+.PHONY: install test test-all bench clean info gpu
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ bench: install
 
 info: install
 	$(PY) -m tvr_kernels.info
+
+# The GPU machine's run (build with CUDA, tests, benchmarks on cuda; see benchmarks/gpu.sh):
+# its own $(PYTHON), no .venv, nothing installed from the network. GPU_ARGS="--skip-tests" etc.
+gpu:
+	bash benchmarks/gpu.sh --python $(PYTHON) $(GPU_ARGS)
 
 clean:
 	rm -rf build *.egg-info tvr_kernels/*.so $(EXT_STAMP)

@@ -43,6 +43,63 @@ def test_use_backend_nests_and_restores():
     assert _backend.requested_backend() == ""
 
 
+def test_use_backend_is_per_thread():
+    """Two threads in their own blocks: leaving one block must not change the other thread's
+    backend (each exit removes its own entry), and neither block leaks into a third thread."""
+    import threading
+
+    # Order: b enters, a enters, b leaves while a is still inside (a process-wide stack would
+    # then pop a's entry, not b's).
+    b_in, a_in, b_left = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def a():
+        b_in.wait(timeout=10)
+        with tk.use_backend("reference"):
+            a_in.set()
+            b_left.wait(timeout=10)
+            seen["a_after_b_left"] = _backend.requested_backend()
+            x = torch.randn(2 * 3, 9, 5)
+            seen["a_op"] = torch.equal(tk.token_shift(x, 3), tk.reference.token_shift(x, 3))
+        seen["a_after"] = _backend.requested_backend()
+
+    def b():
+        with tk.use_backend("cpp" if _backend.extension_available() else "reference"):
+            b_in.set()
+            a_in.wait(timeout=10)
+            seen["b_inside"] = _backend.requested_backend()
+        seen["b_after"] = _backend.requested_backend()
+        b_left.set()
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert seen["a_after_b_left"] == "reference"
+    assert seen["b_inside"] in ("cpp", "reference") and seen["b_after"] == ""
+    assert seen["a_after"] == "" and seen["a_op"]
+    assert _backend.requested_backend() == ""
+
+
+def test_accelerator_fallback_to_reference_warns_once(monkeypatch):
+    """A non-CPU tensor no fused backend handles runs the reference, with one warning per op
+    (resolve is called with a device only: nothing runs on it)."""
+    monkeypatch.setattr(_backend, "_fallback_warned", set())
+    meta = torch.device("meta")
+    with pytest.warns(RuntimeWarning, match="tvr::token_shift on meta tensors runs the eager"):
+        assert _backend.resolve("token_shift", meta, "", _backend.BACKENDS) == "reference"
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _backend.resolve("token_shift", meta, "", _backend.BACKENDS) == "reference"
+    # a CUDA device without triton
+    monkeypatch.setattr(_backend, "triton_importable", lambda: False)
+    monkeypatch.setattr(_backend, "extension_has_cuda", lambda op="": False)
+    with pytest.warns(RuntimeWarning, match="isa on cuda tensors .*triton is not importable"):
+        assert _backend.resolve("isa", torch.device("cuda"), "", _backend.BACKENDS) == "reference"
+
+
 def test_info_runs():
     out = subprocess.run([sys.executable, "-m", "tvr_kernels.info"], capture_output=True, text=True,
                          check=True).stdout

@@ -10,12 +10,19 @@ from tvr_kernels import _backend
 from tvr_kernels.reference import perturbed_topk as ref_topk
 from tvr_kernels.reference.perturbed_topk import perturbed_topk_noise
 
-from conftest import fused_backends
+from conftest import DEVICES, fused_backends
 from helpers import randn
 
 HAVE_EXT = _backend.extension_available()
 FUSED = fused_backends("cpu", ("cpp", "triton"))
 ALL = ["reference", *FUSED]
+# Tests of the triton backend also run on cuda when there is one: these variants are collected
+# everywhere and skipped without a device (DEVICES has no cuda then).
+DEVICE_PARAMS = [pytest.param(d, marks=pytest.mark.skipif(d not in DEVICES,
+                                                          reason="no CUDA device"))
+                 for d in ("cpu", "cuda")]
+# Seeds whose low or high key word is 1 (Triton would specialise such an argument to a constexpr).
+SEEDS = [1, 2 ** 32 + 7]
 
 # (b, d, k, S): the papers' d = 49 (N = 50 minus CLS) and d = 196 (197 minus CLS), odd sizes,
 # b = 1, k = 1, k = d, S = 1, d = 1.
@@ -32,14 +39,25 @@ SHAPES = [
 TRITON_SHAPES = [(2, 49, 3, 16), (1, 196, 3, 4), (3, 13, 13, 5), (2, 1, 1, 3)]
 
 
-def _backends_for(shape, backends=None):
+def _backends_for(shape, backends=None, device="cpu"):
+    """The backends to test at ``shape`` on ``device`` (``backends`` defaults to the fused
+    ones that run there; the interpreted triton only at small shapes)."""
     b, d, k, S = shape
     out = []
-    for be in backends or FUSED:
-        if be == "triton" and (b > 3 or S > 16):
+    for be in backends or fused_backends(device, ("cpp", "triton")):
+        if be == "triton" and device == "cpu" and (b > 3 or S > 16):
+            continue
+        if _backend._why_unavailable(be) is not None or (be == "cpp" and device != "cpu"):
+            continue
+        if be == "triton" and "triton" not in fused_backends(device, ("triton",)):
             continue
         out.append(be)
     return out
+
+
+def _skip_unless_runs(backend, device):
+    if backend != "reference" and backend not in fused_backends(device, ("cpp", "triton")):
+        pytest.skip(f"{backend} does not run on {device} here")
 
 
 def _gumbel_noise(*shape):
@@ -47,9 +65,10 @@ def _gumbel_noise(*shape):
     return -torch.log(-torch.log(u))
 
 
-def _noise(shape, distribution):
+def _noise(shape, distribution, device="cpu"):
     b, d, k, S = shape
-    return torch.randn(b, S, d) if distribution == "normal" else _gumbel_noise(b, S, d)
+    z = torch.randn(b, S, d) if distribution == "normal" else _gumbel_noise(b, S, d)
+    return z.to(device)
 
 
 def _assert_no_boundary_ties(scores, noise, sigma, k):
@@ -135,59 +154,70 @@ def _check_injected(scores, noise, g, k, S, backends, distribution="normal", gra
         out[be] = (y, gx)
     return out
 
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("distribution", ["normal", "gumbel"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_injected_noise_matches_reference(shape, distribution):
+def test_injected_noise_matches_reference(shape, distribution, device):
     b, d, k, S = shape
-    scores, noise, g = randn(b, d), _noise(shape, distribution), randn(b, k, d)
-    _check_injected(scores, noise, g, k, S, _backends_for(shape), distribution)
+    scores, g = randn(b, d, device=device), randn(b, k, d, device=device)
+    noise = _noise(shape, distribution, device)
+    _check_injected(scores, noise, g, k, S, _backends_for(shape, device=device), distribution)
 
 
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("scale", [20.0, 1e-3])
-def test_injected_noise_wide_and_flat_scores(scale):
+def test_injected_noise_wide_and_flat_scores(scale, device):
     """The C++ kernel skips elements whose score cannot reach the current k-th value (a
     bound from the noise maximum): spread-out scores exercise that path heavily, nearly flat
     scores not at all. Both must match the reference exactly."""
     shape = (6, 49, 3, 40)
     b, d, k, S = shape
-    scores, noise, g = randn(b, d, scale=scale), _noise(shape, "normal"), randn(b, k, d)
-    _check_injected(scores, noise, g, k, S, _backends_for(shape))
+    scores, g = randn(b, d, scale=scale, device=device), randn(b, k, d, device=device)
+    _check_injected(scores, _noise(shape, "normal", device), g, k, S,
+                    _backends_for(shape, device=device))
 
 
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("shape", TRITON_SHAPES, ids=str)
-def test_triton_injected_noise(shape):
-    if "triton" not in FUSED:
+def test_triton_injected_noise(shape, device):
+    if "triton" not in fused_backends(device, ("triton",)):
         pytest.skip("triton unavailable")
     b, d, k, S = shape
-    scores, noise, g = randn(b, d), _noise(shape, "normal"), randn(b, k, d)
-    _check_injected(scores, noise, g, k, S, ["triton"])
+    scores, g = randn(b, d, device=device), randn(b, k, d, device=device)
+    _check_injected(scores, _noise(shape, "normal", device), g, k, S, ["triton"])
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=str)
-def test_injected_noise_other_dtypes(dtype):
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_injected_noise_other_dtypes(dtype, device):
     shape = (3, 49, 3, 12)
     b, d, k, S = shape
-    scores, noise, g = randn(b, d, dtype=dtype), _noise(shape, "normal"), randn(b, k, d)
-    out = _check_injected(scores, noise, g, k, S, _backends_for(shape),
+    backends = _backends_for(shape, device=device)
+    if dtype == torch.bfloat16 and device == "cpu":
+        backends = [be for be in backends if be != "triton"]  # broken in the interpreter
+    scores, g = randn(b, d, dtype=dtype, device=device), randn(b, k, d, device=device)
+    out = _check_injected(scores, _noise(shape, "normal", device), g, k, S, backends,
                           grad_tol=dict(rtol=2e-3, atol=1e-3))
     for be, (y, gx) in out.items():
         assert y.dtype == torch.float32 and gx.dtype == dtype, be
 
 
-def test_fused_outputs_fully_written(nan_poison):
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_fused_outputs_fully_written(nan_poison, device):
     shape = (3, 13, 4, 6)
     b, d, k, S = shape
-    scores, g = randn(b, d), randn(b, k, d)
-    for be in _backends_for(shape):
-        for kw in (dict(seed=3), dict(noise=torch.randn(b, S, d)), dict(hard=True)):
+    scores, g = randn(b, d, device=device), randn(b, k, d, device=device)
+    for be in _backends_for(shape, device=device):
+        for kw in (dict(seed=3), dict(noise=torch.randn(b, S, d, device=device)), dict(hard=True)):
             y, gx = _run(be, scores, k, S, 0.1, g, **kw)
             assert not y.isnan().any() and not gx.isnan().any(), (be, kw)
 
 
 # --------------------------------------------------- the backward is the SPEC's formula
 
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("distribution", ["normal", "gumbel"])
-def test_backward_is_the_estimator_formula(distribution):
+def test_backward_is_the_estimator_formula(distribution, device):
     """gradcheck does not apply to a stochastic, piecewise-constant forward; instead the
     backward of every backend must equal the SPEC's formula, written here in float64 with
     explicit loops, on fixed injected noise."""
@@ -204,9 +234,10 @@ def test_backward_is_the_estimator_formula(distribution):
             chosen = sorted(torch.topk(p[r, s], k).indices.tolist())
             for j, i in enumerate(chosen):
                 want[r, i] += g[r, j, i].double() * gz[r, s, i] / (S * sigma)
-    for be in _backends_for(shape, ALL):
-        _, gx = _run(be, scores, k, S, sigma, g, noise=noise, distribution=distribution)
-        torch.testing.assert_close(gx.double(), want, rtol=1e-5, atol=1e-5, msg=be)
+    for be in _backends_for(shape, ALL, device):
+        _, gx = _run(be, scores.to(device), k, S, sigma, g.to(device), noise=noise.to(device),
+                     distribution=distribution)
+        torch.testing.assert_close(gx.double().cpu(), want, rtol=1e-5, atol=1e-5, msg=be)
 
 
 # ---------------------------------------------------------------------- seeded noise
@@ -234,26 +265,34 @@ def test_seeded_noise_statistics():
     assert abs(gmb.mean() - 0.5772157) < 0.02 and abs(gmb.var() - torch.pi ** 2 / 6) < 0.05
 
 
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("distribution", ["normal", "gumbel"])
-def test_seeded_backends_agree(distribution):
+def test_seeded_backends_agree(distribution, seed, device):
     """Seeded noise: every backend agrees with the reference up to the rounding of the noise
-    transform, which can flip a selection only at a near-tie."""
-    for shape in [(16, 49, 3, 100), (2, 196, 5, 16), (3, 13, 13, 5), (2, 1, 1, 3)]:
+    transform (on a GPU also its approximate exp/sqrt), which can flip a selection only at a
+    near-tie."""
+    shapes = [(16, 49, 3, 100), (2, 196, 5, 16), (3, 13, 13, 5), (2, 1, 1, 3)]
+    if device == "cuda":
+        shapes.append((192, 49, 3, 500))  # the papers' shape
+    for shape in shapes:
         b, d, k, S = shape
-        scores, g = randn(b, d), randn(b, k, d)
-        want, gwant = _run("reference", scores, k, S, 0.05, g, seed=77, distribution=distribution)
-        for be in _backends_for(shape):
-            y, gx = _run(be, scores, k, S, 0.05, g, seed=77, distribution=distribution)
+        scores, g = randn(b, d, device=device), randn(b, k, d, device=device)
+        want, gwant = _run("reference", scores, k, S, 0.05, g, seed=seed, distribution=distribution)
+        for be in _backends_for(shape, device=device):
+            y, gx = _run(be, scores, k, S, 0.05, g, seed=seed, distribution=distribution)
             assert (y == want).float().mean() >= 0.999, (be, shape)
             assert (y - want).abs().max() <= 2.0 / S, (be, shape)
             torch.testing.assert_close(gx, gwant, rtol=1e-4, atol=1e-3, msg=f"{be} {shape}")
 
 
-@pytest.mark.parametrize("backend", ALL)
-def test_seeded_is_reproducible_and_seed_sensitive(backend):
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+def test_seeded_is_reproducible_and_seed_sensitive(backend, device):
+    _skip_unless_runs(backend, device)
     shape = (3, 20, 3, 16)
     b, d, k, S = shape
-    scores, g = randn(b, d), randn(b, k, d)
+    scores, g = randn(b, d, device=device), randn(b, k, d, device=device)
     y1, g1 = _run(backend, scores, k, S, 0.05, g, seed=5)
     y2, g2 = _run(backend, scores, k, S, 0.05, g, seed=5)
     y3, _ = _run(backend, scores, k, S, 0.05, g, seed=6)
@@ -307,19 +346,22 @@ def test_gradient_estimator_against_finite_differences(distribution):
 
 # ------------------------------------------------------------------------- hard mode
 
-@pytest.mark.parametrize("backend", ALL)
-def test_hard_mode(backend):
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+def test_hard_mode(backend, device):
+    _skip_unless_runs(backend, device)
     b, d, k = 3, 49, 3
-    scores = randn(b, d)
-    g = randn(b, k, d)
+    scores = randn(b, d, device=device)
+    g = randn(b, k, d, device=device)
     y, gx = _run(backend, scores, k, 500, 0.05, g, hard=True)
     idx = torch.sort(torch.topk(scores, k).indices, dim=-1).values
     assert torch.equal(y, torch.nn.functional.one_hot(idx, d).float())
     assert torch.equal(gx, torch.zeros_like(scores)), "plain top-k is piecewise constant"
     # exact ties go to the smaller index, on every backend
-    tied = torch.tensor([[1.0, 3.0, 2.0, 3.0, 3.0, 0.0]])
-    y, _ = _run(backend, tied, 2, 1, 0.05, torch.ones(1, 2, 6), hard=True)
-    assert torch.equal(y, torch.nn.functional.one_hot(torch.tensor([[1, 3]]), 6).float())
+    tied = torch.tensor([[1.0, 3.0, 2.0, 3.0, 3.0, 0.0]], device=device)
+    y, _ = _run(backend, tied, 2, 1, 0.05, torch.ones(1, 2, 6, device=device), hard=True)
+    want = torch.nn.functional.one_hot(torch.tensor([[1, 3]], device=device), 6).float()
+    assert torch.equal(y, want)
 
 
 def test_hard_mode_is_the_limit_of_small_sigma():
@@ -331,18 +373,19 @@ def test_hard_mode_is_the_limit_of_small_sigma():
 
 # ------------------------------------------------------------- registration, compile
 
-def test_opcheck():
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_opcheck(device):
     b, d, k, S = 2, 13, 3, 5
-    x = randn(b, d, requires_grad=True)
-    noise = torch.randn(b, S, d)
-    for backend in ["", "reference", *FUSED]:
+    x = randn(b, d, requires_grad=True, device=device)
+    noise = torch.randn(b, S, d, device=device)
+    for backend in ["", "reference", *fused_backends(device, ("cpp", "triton"))]:
         for nz, seed, dist, hard in [(None, 7, "normal", False), (noise, 0, "gumbel", False),
                                      (None, 0, "normal", True)]:
             torch.library.opcheck(torch.ops.tvr.perturbed_topk.default,
                                   (x, k, S, 0.1, nz, seed, dist, hard, backend))
-        w = torch.randn(b, k, d)
+        w = torch.randn(b, k, d, device=device)
         torch.library.opcheck(torch.ops.tvr.perturbed_topk_backward.default,
-                              (randn(b, k, d), w, S, 0.1, backend))
+                              (randn(b, k, d, device=device), w, S, 0.1, backend))
 
 
 def test_compile_fullgraph():

@@ -135,6 +135,38 @@ def test_triton_matches_reference(device, shape, n_iters, log_domain):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("log_domain", [False, True], ids=["prob", "log"])
+def test_triton_gpu_blocks(monkeypatch, dtype, log_domain):
+    """The GPU tile choice run in the interpreter: [70, 300] is 3 row blocks of 32 (the last
+    one 6 real rows, the rest clamped) and 3 (float64: 5) column chunks, the last partial."""
+    if "triton" not in fused_backends("cpu", ("triton",)):
+        pytest.skip("triton interpreter unavailable")
+    from tvr_kernels.triton import sinkhorn_knopp as tsk
+
+    assert tsk._gpu_blocks(70, 300, dtype) == ((32, 128, 8) if dtype == torch.float32 else (32, 64, 8))
+    monkeypatch.setattr(tsk, "_blocks", tsk._gpu_blocks)
+    check_backend("triton", "cpu", (70, 300), 2, log_domain, "ucofia", dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 3), (45, 13), (3, 100), (45000, 1000), (1000, 45000),
+                                   (45000, 1)], ids=str)
+def test_triton_gpu_blocks_bounds(shape, dtype):
+    """What the GPU tiles promise: at most 16 logits per thread (8 in float64, checked free of
+    register spills at [45000, 1000]), warps only where they have work, and partials [cdiv(Nq, BLOCK_R), Nv] of at
+    most Nq * Nv / 32 + Nv elements."""
+    pytest.importorskip("triton")
+    from tvr_kernels.triton import sinkhorn_knopp as tsk
+
+    Nq, Nv = shape
+    br, bv, nw = tsk._gpu_blocks(Nq, Nv, dtype)
+    limit = 8 if dtype == torch.float64 else 16
+    assert nw in (1, 2, 4, 8) and br * bv <= 32 * nw * limit
+    assert nw == 1 or br * bv == 32 * nw * limit  # more warps only once each thread is full
+    assert -(-Nq // br) * Nv <= Nq * Nv / 32 + Nv
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("n_iters", [1, 4, 7])
 def test_log_domain_agrees_with_probability_domain(dtype, n_iters):
     x = make_logits(64, 37, "ucofia", dtype)

@@ -9,7 +9,7 @@ from tvr_kernels.reference import stochastic_max_similarity as ref_smsim
 from tvr_kernels.reference.stochastic_max_similarity import (authors_stochastic_text, noise_at,
                                                              philox_noise, radius)
 
-from conftest import fused_backends
+from conftest import DEVICES, fused_backends
 from helpers import TOL, close, randn
 
 # (Nt, Nv, T, D, M): odd sizes, T = 1, M = 1, D not a multiple of 4, the paper's T = 12.
@@ -167,7 +167,9 @@ def test_gradients_match_reference(prior, source):
     g = torch.randn(Nt, Nv, dtype=torch.float64)
     s_ref, b_ref = ref_smsim(**inp, **kw)
     want = torch.autograd.grad(s_ref, list(inp.values()), g)
-    for backend in ["reference", *fused_backends("cpu")]:
+    # Triton (interpreted: slow at T = 12) is covered by test_triton_backward_matches_reference
+    # and test_triton_autograd_matches_reference.
+    for backend in ["reference", *fused_backends("cpu", ("cpp",))]:
         with tk.use_backend(backend):
             s, b = tk.stochastic_max_similarity(**inp, **kw)
         got = torch.autograd.grad(s, list(inp.values()), g)
@@ -202,28 +204,170 @@ def test_gradient_float32_cpp():
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
 
 
-def test_triton_matches_reference():
-    if "triton" not in fused_backends("cpu", ("triton",)):
+# ------------------------------------------------------------------------------ Triton
+# Triton runs on CPU tensors in the interpreter here (~2-3 ms per program and loop trip): small
+# shapes. On a GPU the same tests also run on cuda, with the paper's sizes added.
+TRITON_SHAPES = [(2, 3, 3, 7, 3), (1, 1, 1, 1, 1), (3, 2, 12, 9, 4), (1, 4, 2, 33, 2)]
+GPU_SHAPES = [(16, 24, 12, 512, 20), (5, 19, 12, 64, 7)]
+# cuda variants are collected everywhere and skipped without a device (DEVICES has no cuda).
+DEVICE_PARAMS = [pytest.param(d, marks=pytest.mark.skipif(d not in DEVICES,
+                                                          reason="no CUDA device"))
+                 for d in ("cpu", "cuda")]
+# Compiled for the GPU, Triton's float32 exp, sqrt and division are approximate instructions
+# (ex2.approx, sqrt.approx, div.full: ~2 ulp each; log/sin/cos go through libdevice, ~1 ulp),
+# where the interpreter calls numpy: float32 results on cuda are compared at this looser
+# tolerance (a cosine of D = 512 terms through a few such steps: ~1e-6 relative, x10 margin).
+GPU_TOL32 = dict(rtol=1e-4, atol=2e-5)
+# Gradients of float32 (and of the normal prior) against the reference: the kernel and the
+# reference sum in different orders and write the cosine's derivative differently.
+GRAD_TOL32 = dict(rtol=1e-4, atol=1e-5)
+
+
+def _triton_or_skip(device):
+    if "triton" not in fused_backends(device, ("triton",)):
         pytest.skip("triton unavailable")
-    # Interpreted: ~0.2 s per program here, so few pairs.
-    Nt, Nv, T, D, M = 2, 3, 3, 7, 3
-    inp = _inputs(Nt, Nv, T, D, requires_grad=True)
-    noise = torch.randn(Nt, Nv, M, D)
+
+
+def _triton_shapes(device):
+    return TRITON_SHAPES + (GPU_SHAPES if device == "cuda" else [])
+
+
+def _source_kwargs(source, shape, dtype, device, offset=(0, 0)):
+    """Keyword arguments of one noise source: seeded uniform/normal (a seed whose high key
+    word is 1 after the stream XOR is not special: any seed works) or injected noise."""
+    Nt, Nv, T, D, M = shape
+    kw = dict(num_samples=M, pair_offset=offset)
+    if source == "noise":
+        kw.update(prior="normal", noise=randn(Nt, Nv, M, D, dtype=dtype, device=device))
+    else:
+        kw.update(prior=source, std=0.7, seed=2 ** 32 + 7)
+    return kw
+
+
+def _noise_of(kw, shape, device):
+    Nt, Nv, T, D, M = shape
+    if kw.get("noise") is not None:
+        return kw["noise"]
+    i0, j0 = kw["pair_offset"]
+    return philox_noise(kw["seed"], torch.arange(Nt, device=device) + i0,
+                        torch.arange(Nv, device=device) + j0, M, D, kw["prior"], kw["std"])
+
+
+def _tol(dtype, device, source, grad=False):
+    if dtype == torch.float64 and source != "normal":
+        return TOL[torch.float64]
+    if dtype in (torch.float16, torch.bfloat16):
+        return TOL[dtype]
+    if device == "cuda":
+        return GPU_TOL32
+    return GRAD_TOL32 if grad else TOL[torch.float32]
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("source", ["uniform", "normal", "noise"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_triton_forward_matches_reference(device, source, dtype):
+    _triton_or_skip(device)
+    for shape in _triton_shapes(device):
+        Nt, Nv, T, D, M = shape
+        inp = {k: v.to(device) for k, v in _inputs(Nt, Nv, T, D, dtype).items()}
+        kw = _source_kwargs(source, shape, dtype, device, offset=(5, 2))
+        s_ref, b_ref = ref_smsim(**inp, **kw)
+        with tk.use_backend("triton"):
+            s, b = tk.stochastic_max_similarity(**inp, **kw)
+        assert s.dtype == dtype and s.device.type == device and b.dtype == torch.int64
+        close(s, s_ref, dtype, **_tol(dtype, device, source), msg=str(shape))
+        _check_best(b.cpu(), b_ref.cpu(), _all_cosines(inp, _noise_of(kw, shape, device)).cpu())
+
+
+def _check_triton_backward(device, shape, source, dtype, offset=(0, 0)):
+    """The Triton backward op against the reference backward op, on the same random ``best``
+    (any sample index: the backward needs no forward), seeded or injected noise."""
+    Nt, Nv, T, D, M = shape
+    inp = {k: v.to(device) for k, v in _inputs(Nt, Nv, T, D, dtype).items()}
+    kw = _source_kwargs(source, shape, dtype, device, offset)
+    best = torch.randint(0, M, (Nt, Nv), device=device)
+    g = randn(Nt, Nv, dtype=dtype, device=device)
+    args = (g, *inp.values(), best, M, kw["prior"], float(kw.get("std", 1.0)), kw.get("seed", 0),
+            kw.get("noise"), offset[0], offset[1])
+    got = torch.ops.tvr.stochastic_max_similarity_backward(*args, "triton")
+    want = torch.ops.tvr.stochastic_max_similarity_backward(*args, "reference")
+    tol = _tol(dtype, device, source, grad=True)
+    for name, x, y in zip(inp, got, want):
+        assert x.dtype == dtype and x.shape == y.shape and x.device == y.device, name
+        # the gradient is O(|grad|) and sums over pairs: atol at the scale of its largest entry
+        scale = max(1.0, float(y.abs().max()))
+        torch.testing.assert_close(x, y, rtol=tol["rtol"], atol=tol["atol"] * scale,
+                                   msg=lambda m, n=name: f"{n} {shape}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("source", ["uniform", "normal", "noise"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_triton_backward_matches_reference(device, source, dtype):
+    _triton_or_skip(device)
+    for shape in _triton_shapes(device):
+        _check_triton_backward(device, shape, source, dtype, offset=(3, 11))
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_triton_backward_video_blocks(device, monkeypatch):
+    """Programs that walk several videos, the last block partial (the GPU's layout; the
+    interpreter otherwise gives each text one program over every video)."""
+    _triton_or_skip(device)
+    import tvr_kernels.triton.stochastic_max_similarity as tri
+    monkeypatch.setattr(tri, "_videos_per_program", lambda Nv: 2)
+    for source in ("uniform", "noise"):
+        _check_triton_backward(device, (2, 5, 3, 6, 3), source, torch.float64, offset=(1, 4))
+    # deterministic: no atomics, so a second run gives the same bits
+    inp = {k: v.to(device) for k, v in _inputs(2, 5, 3, 6).items()}
+    args = (torch.randn(2, 5, device=device), *inp.values(),
+            torch.randint(0, 3, (2, 5), device=device), 3, "normal", 0.5, 9, None, 0, 0, "triton")
+    first = torch.ops.tvr.stochastic_max_similarity_backward(*args)
+    again = torch.ops.tvr.stochastic_max_similarity_backward(*args)
+    assert all(torch.equal(x, y) for x, y in zip(first, again))
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_triton_half_types(device, dtype):
+    """Half inputs load as is and compute in float32 (forward and backward), as the
+    reference; compared at the half dtype's tolerance. bf16 is broken in the interpreter."""
+    _triton_or_skip(device)
+    if dtype == torch.bfloat16 and device == "cpu":
+        pytest.skip("bfloat16 is broken in the Triton interpreter (tested on GPU)")
+    shape = (2, 3, 3, 16, 4)
+    Nt, Nv, T, D, M = shape
+    inp = {k: v.to(device) for k, v in _inputs(Nt, Nv, T, D, dtype).items()}
+    s_ref, _ = ref_smsim(**inp, num_samples=M, seed=3)
     with tk.use_backend("triton"):
-        s, b = tk.stochastic_max_similarity(**inp, num_samples=M, seed=4, pair_offset=(5, 2))
-        sn, bn = tk.stochastic_max_similarity(**inp, num_samples=M, prior="normal", noise=noise)
-    s_ref, b_ref = ref_smsim(**inp, num_samples=M, seed=4, pair_offset=(5, 2))
-    close(s, s_ref)
-    assert torch.equal(b, b_ref)
-    sn_ref, bn_ref = ref_smsim(**inp, num_samples=M, prior="normal", noise=noise)
-    close(sn, sn_ref)
-    assert torch.equal(bn, bn_ref)
-    # Backward of a Triton forward falls back (documented) and still matches the reference.
-    g = torch.randn(Nt, Nv)
-    got = torch.autograd.grad(s, list(inp.values()), g)
-    want = torch.autograd.grad(s_ref, list(inp.values()), g)
-    for x, y in zip(got, want):
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+        s, _ = tk.stochastic_max_similarity(**inp, num_samples=M, seed=3)
+    assert s.dtype == dtype
+    close(s, s_ref, dtype)
+    for source in ("uniform", "noise"):
+        _check_triton_backward(device, shape, source, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_triton_autograd_matches_reference(device):
+    """End to end: forward and autograd backward of the triton backend against the
+    reference, seeded uniform with a chunk offset and injected normal noise."""
+    _triton_or_skip(device)
+    Nt, Nv, T, D, M = 2, 3, 3, 7, 3
+    inp = {k: v.to(device).requires_grad_(True) for k, v in _inputs(Nt, Nv, T, D).items()}
+    noise = torch.randn(Nt, Nv, M, D, device=device)
+    g = torch.randn(Nt, Nv, device=device)
+    tol = GPU_TOL32 if device == "cuda" else GRAD_TOL32
+    for kw in (dict(seed=4, pair_offset=(5, 2)), dict(prior="normal", noise=noise)):
+        with tk.use_backend("triton"):
+            s, b = tk.stochastic_max_similarity(**inp, num_samples=M, **kw)
+        s_ref, b_ref = ref_smsim(**inp, num_samples=M, **kw)
+        close(s, s_ref, **(GPU_TOL32 if device == "cuda" else {}))
+        assert torch.equal(b, b_ref)
+        got = torch.autograd.grad(s, list(inp.values()), g)
+        want = torch.autograd.grad(s_ref, list(inp.values()), g)
+        for name, x, y in zip(inp, got, want):
+            torch.testing.assert_close(x, y, **tol, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_authors_radius_module():
@@ -267,22 +411,26 @@ def test_embedding_helper_cosine_is_sims(prior):
                                      inp["radius_bias"], best)
 
 
-def test_opcheck():
-    inp = _inputs(3, 4, 5, 9, requires_grad=True)
-    args = tuple(inp.values())
-    best = torch.randint(0, 3, (3, 4))
-    for backend in ["", "reference", *fused_backends("cpu", ("cpp",))]:
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_opcheck(device):
+    for backend in ["", "reference", *fused_backends(device, ("cpp", "triton"))]:
+        # opcheck runs each op several times: a tiny problem for the interpreted triton
+        Nt, Nv, T, D = (2, 2, 2, 5) if backend == "triton" and device == "cpu" else (3, 4, 5, 9)
+        inp = {k: v.to(device).requires_grad_(True) for k, v in _inputs(Nt, Nv, T, D).items()}
+        args = tuple(inp.values())
+        best = torch.randint(0, 3, (Nt, Nv), device=device)
         torch.library.opcheck(torch.ops.tvr.stochastic_max_similarity.default,
                               (*args, 3, "uniform", 1.0, 7, None, 0, 0, backend))
         torch.library.opcheck(torch.ops.tvr.stochastic_max_similarity.default,
-                              (*args, 3, "normal", 0.5, 7, torch.randn(3, 4, 3, 9), 2, 1, backend))
+                              (*args, 3, "normal", 0.5, 7, torch.randn(Nt, Nv, 3, D, device=device),
+                               2, 1, backend))
         if backend == "reference":
             # The reference backward runs functorch's vjp, which cannot see through opcheck's
             # schema-checking tensor wrappers; test_gradients_match_reference covers it.
             continue
         torch.library.opcheck(torch.ops.tvr.stochastic_max_similarity_backward.default,
-                              (torch.randn(3, 4), *[a.detach() for a in args], best, 3, "uniform",
-                               1.0, 7, None, 0, 0, backend))
+                              (torch.randn(Nt, Nv, device=device), *[a.detach() for a in args],
+                               best, 3, "uniform", 1.0, 7, None, 0, 0, backend))
 
 
 def test_compile_fullgraph():

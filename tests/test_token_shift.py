@@ -61,6 +61,36 @@ def test_triton_matches_reference(device, shape, dtype):
     _check("triton", device, shape, dtype)
 
 
+@pytest.mark.parametrize("dtype,int64_rows", [(torch.float32, False), (torch.float16, False),
+                                              (torch.float64, True)], ids=str)
+def test_triton_gpu_blocks(monkeypatch, dtype, int64_rows):
+    """The GPU tile choice run in the interpreter: [2*3, 10, 300] is 60 token rows in blocks of
+    16 (float16: 32, float64: 8) and 300 channels in blocks of 256, both with a partial last
+    block; int64_rows takes the row arithmetic's int64 path."""
+    if "triton" not in fused_backends("cpu", ("triton",)):
+        pytest.skip("triton interpreter unavailable")
+    from tvr_kernels.triton import token_shift as tts
+
+    br, bc, _ = tts._gpu_blocks(60, 300, dtype.itemsize)
+    assert bc == 256 and br * bc * dtype.itemsize == 16384
+    monkeypatch.setattr(tts, "_blocks", tts._gpu_blocks)
+    if int64_rows:
+        monkeypatch.setattr(tts, "_INT32_ROWS", 0)
+    _check("triton", "cpu", (2, 3, 10, 300, 7, 3), dtype)
+
+
+@pytest.mark.parametrize("rows,C,itemsize", [(9600, 768, 4), (9456, 768, 2), (9600, 768, 8), (15, 3, 4),
+                                             (1, 1, 2), (2**20, 1, 4)], ids=str)
+def test_triton_gpu_blocks_bounds(rows, C, itemsize):
+    """GPU tiles of at most 16 KiB with power-of-two sides, no wider than the input needs."""
+    pytest.importorskip("triton")
+    from tvr_kernels.triton import token_shift as tts
+
+    br, bc, nw = tts._gpu_blocks(rows, C, itemsize)
+    assert br * bc * itemsize <= 16384 and nw == 4
+    assert br & (br - 1) == 0 and bc & (bc - 1) == 0 and br < 2 * rows and bc < 2 * C
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton bf16 is broken in the interpreter")
 def test_triton_bf16_gpu():
     _check("triton", "cuda", SHAPES[0], torch.bfloat16)

@@ -9,11 +9,11 @@ Backends:
 Availability is decided from facts (is the extension importable, is triton importable, is CUDA
 available, is the interpreter on), never by launching a kernel and catching the failure.
 
-The forced backend is a process-wide setting rather than a context variable on purpose: the
-autograd engine runs CUDA backward passes on its own worker threads, which would not see a
-context variable set by the caller.  Each op also records the backend requested at forward
-time and passes it to its backward op, so a backward that runs after the ``with`` block ended
-still uses the forward's backend.
+The forced backend is per thread: two threads in their own ``use_backend`` blocks do not see
+each other's choice. The autograd engine runs CUDA backward passes on its own worker threads,
+which see no block at all; that is why each op records the backend requested at forward time
+and passes it to its backward op, so a backward uses the forward's backend on any thread and
+after the ``with`` block has ended.
 """
 from __future__ import annotations
 
@@ -28,8 +28,15 @@ import torch
 
 BACKENDS = ("reference", "cpp", "triton", "cuda")
 
-_lock = threading.Lock()
-_forced: list[str] = []
+_local = threading.local()
+
+
+def _stack() -> list[str]:
+    """This thread's stack of forced backends (innermost last)."""
+    stack = getattr(_local, "forced", None)
+    if stack is None:
+        stack = _local.forced = []
+    return stack
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,6 +73,16 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Set by tvr_kernels.compile_check while it records launches: Triton launchers then accept CPU
+# tensors (nothing runs; each launch is compiled for a GPU target instead).
+_launch_capture = False
+
+
+def triton_on_cpu() -> bool:
+    """True when the triton backend takes CPU tensors: the interpreter, or launch capture."""
+    return triton_interpret() or _launch_capture
+
+
 def cuda_available() -> bool:
     return torch.cuda.is_available()
 
@@ -83,7 +100,7 @@ def _why_unavailable(name: str) -> str | None:
     if name == "triton":
         if not triton_importable():
             return "triton is not installed"
-        if not (cuda_available() or triton_interpret()):
+        if not (cuda_available() or triton_on_cpu()):
             return "triton needs a CUDA device, or TRITON_INTERPRET=1 to run on CPU tensors"
         return None
     if not cuda_available():
@@ -112,18 +129,25 @@ def use_backend(name: str) -> Iterator[None]:
         if name not in BACKENDS:
             raise ValueError(why)
         raise RuntimeError(f"backend {name!r} is unavailable: {why}")
-    with _lock:
-        _forced.append(name)
+    stack = _stack()
+    stack.append(name)
+    depth = len(stack)
     try:
         yield
     finally:
-        with _lock:
-            _forced.pop()
+        # remove this block's own entry (a generator closed out of order must not take
+        # another block's)
+        if len(stack) >= depth and stack[depth - 1] == name:
+            del stack[depth - 1]
+        else:
+            stack.remove(name)
 
 
 def requested_backend() -> str:
-    """The backend forced by the innermost ``use_backend`` block, or '' for automatic."""
-    return _forced[-1] if _forced else ""
+    """The backend forced by this thread's innermost ``use_backend`` block, or '' for
+    automatic."""
+    stack = _stack()
+    return stack[-1] if stack else ""
 
 
 def resolve(op: str, device: torch.device, requested: str, supported: Sequence[str],
@@ -141,7 +165,7 @@ def resolve(op: str, device: torch.device, requested: str, supported: Sequence[s
             raise RuntimeError(f"tvr::{op}: the cpp backend takes CPU tensors, got {device}")
         if requested == "cuda" and device.type != "cuda":
             raise RuntimeError(f"tvr::{op}: the cuda backend takes CUDA tensors, got {device}")
-        if requested == "triton" and device.type == "cpu" and not triton_interpret():
+        if requested == "triton" and device.type == "cpu" and not triton_on_cpu():
             raise RuntimeError(
                 f"tvr::{op}: triton on CPU tensors needs TRITON_INTERPRET=1 set before "
                 "tvr_kernels' Triton modules are imported")
@@ -155,7 +179,25 @@ def resolve(op: str, device: torch.device, requested: str, supported: Sequence[s
             return "triton"
         if "cuda" in supported and extension_has_cuda():
             return "cuda"
+    _warn_reference_fallback(op, device)
     return "reference"
+
+
+_fallback_warned: set[tuple[str, str]] = set()
+
+
+def _warn_reference_fallback(op: str, device: torch.device) -> None:
+    """One warning per (op, device type) when an accelerator tensor runs the eager reference:
+    a user who expected a fused kernel must learn that they did not get one."""
+    key = (op, device.type)
+    if key in _fallback_warned:
+        return
+    _fallback_warned.add(key)
+    why = ("triton is not importable" if device.type == "cuda" and not triton_importable()
+           else f"no fused backend handles {device.type} tensors")
+    warnings.warn(f"tvr::{op} on {device.type} tensors runs the eager reference ({why}); "
+                  "`python -m tvr_kernels.info` shows the available backends.",
+                  RuntimeWarning, stacklevel=4)
 
 
 _warned = False

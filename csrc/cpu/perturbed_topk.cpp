@@ -202,6 +202,7 @@ std::tuple<at::Tensor, at::Tensor> perturbed_topk_fwd_cpu(const at::Tensor& scor
   const float sig = hard ? 0.0f : static_cast<float>(sigma);
   at::Tensor ind = at::empty({B, k, d}, scores.options().dtype(at::kFloat));
   at::Tensor wout = at::empty({B, k, d}, scores.options().dtype(at::kFloat));
+  if (B == 0) return {ind, wout};  // an empty last batch: nothing to do (and no 64 / b below)
   const int64_t nchunk = hard ? 1 : chunks_per_row(B, S);
   const int64_t chunk = (S + nchunk - 1) / nchunk;
   const int64_t kd = k * d;

@@ -1,9 +1,10 @@
 """``tvr::stochastic_max_similarity``: registration, autograd and backend choice (SPEC 5).
 
 Kernels: csrc/cpu/stochastic_max_similarity.cpp (cpp), tvr_kernels/triton/
-stochastic_max_similarity.py (triton); reference: tvr_kernels/reference/
-stochastic_max_similarity.py. ``best`` is an integer output and carries no gradient; ``noise``
-(when injected) is treated as a constant.
+stochastic_max_similarity.py (triton, forward and backward: CUDA tensors, or CPU tensors under
+``TRITON_INTERPRET=1``); reference: tvr_kernels/reference/stochastic_max_similarity.py.
+``best`` is an integer output and carries no gradient; ``noise`` (when injected) is treated as
+a constant.
 """
 from __future__ import annotations
 
@@ -56,9 +57,10 @@ def _smsim_backward(grad: Tensor, text: Tensor, frames: Tensor, pooled: Tensor,
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = pick("stochastic_max_similarity", grad, backend, _SUPPORTED)
     if impl == "triton":
-        # No Triton backward kernel (yet): the cost of a backward is one pass over the selected
-        # samples, which the reference does in plain torch on the same device.
-        impl = "cpp" if grad.device.type == "cpu" and _backend.extension_available() else "reference"
+        from ..triton.stochastic_max_similarity import stochastic_max_similarity_bwd
+        return stochastic_max_similarity_bwd(grad, text, frames, pooled, radius_weight,
+                                             radius_bias, best, num_samples, prior, std, seed,
+                                             noise, text_offset, video_offset)
     if impl == "reference":
         def fn(t, f, p, w, b):
             return _ref_selected(t, f, p, w, b, best, prior=prior, std=std, seed=seed, noise=noise,

@@ -8,16 +8,26 @@ kernel's tie rule); the chosen indices' ascending rank is a cumsum of the chosen
 the block adds its one-hot counts and ``g(z)`` sums into ``[K_PAD, BLOCK_D]`` accumulators.
 One program owns a row, so the result does not depend on scheduling (no atomics).
 
-Backward: ``grad_scores = sum_j grad * (W / S / sigma)`` from the ``W`` the forward returned.
+Backward: ``grad_scores = sum_j grad * (W / S / sigma)`` from the ``W`` the forward returned,
+on a 1-D grid of (row, column block) programs.
+
+Compiled for sm_80 and sm_90 (triton 3.7.1, ``ptxas -v``) at the papers' shapes ([192, 49] and
+[192, 196], k = 3, S = 500; seeded normal/Gumbel, injected noise, hard; float32/16, bfloat16,
+float64): soft forward 118-221 registers (float64 seeded the most), hard 21-33, no spills, at
+most 4 KiB of shared memory; backward 26-40 registers.
 """
 import torch
 import triton
 import triton.language as tl
 
 from .._backend import triton_interpret
+from . import device_guard
 from .philox import box_muller, philox4x32_10, split_seed
 
-_STREAM = 0x544F504B  # TVR_PTOPK_STREAM
+# TVR_PTOPK_STREAM of csrc/include/tvr/perturbed_topk.h. A global read inside @triton.jit must
+# be a tl.constexpr instance (a plain int, or an annotation `x: tl.constexpr = ...`, is a
+# NameError when compiled; the interpreter accepts both).
+_STREAM = tl.constexpr(0x544F504B)
 
 
 @triton.jit
@@ -54,7 +64,8 @@ def _noise_block(seed_lo, seed_hi, row, s, BLOCK_S: tl.constexpr, BLOCK_Q: tl.co
     return tl.interleave(tl.interleave(z0, z2), tl.interleave(z1, z3))
 
 
-@triton.jit
+# The seed words are plain ints: one equal to 1 would be specialised to a constexpr (no .to()).
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _perturbed_topk_fwd_kernel(scores_ptr, noise_ptr, ind_ptr, w_ptr, d, k, S, sigma,
                                seed_lo, seed_hi, HAS_NOISE: tl.constexpr, GUMBEL: tl.constexpr,
                                HARD: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -83,7 +94,9 @@ def _perturbed_topk_fwd_kernel(scores_ptr, noise_ptr, ind_ptr, w_ptr, d, k, S, s
             # float32 z * sigma first, then the sum in ACC: the authors' rounding.
             p = sc[None, :] + (z * sigma).to(ACC)
         ok = valid_i[None, :] & valid_s[:, None]
-        sel = i[None, :] < 0  # all False, [BLOCK_S, BLOCK_D]
+        # All False, with the [BLOCK_S, BLOCK_D] shape of every later round: a compiled loop
+        # keeps a loop-carried value's shape.
+        sel = tl.zeros((BLOCK_S, BLOCK_D), dtype=tl.int1)
         for _ in range(k):
             avail = ok & (~sel)
             m = tl.max(tl.where(avail, p, float("-inf")), axis=1)
@@ -108,10 +121,13 @@ def _perturbed_topk_fwd_kernel(scores_ptr, noise_ptr, ind_ptr, w_ptr, d, k, S, s
 
 
 @triton.jit
-def _perturbed_topk_bwd_kernel(g_ptr, w_ptr, out_ptr, d, k, S, sigma, BLOCK_D: tl.constexpr,
-                               K_PAD: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    i = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+def _perturbed_topk_bwd_kernel(g_ptr, w_ptr, out_ptr, d, k, S, sigma, n_blocks,
+                               BLOCK_D: tl.constexpr, K_PAD: tl.constexpr):
+    # A 1-D grid of b * n_blocks programs: grid axis 1 stops at 65535 blocks, which a long
+    # row (d > 65535 * BLOCK_D) would pass.
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // n_blocks
+    i = (pid % n_blocks) * BLOCK_D + tl.arange(0, BLOCK_D)
     j = tl.arange(0, K_PAD)
     offs = (row * k + j[:, None]) * d + i[None, :]
     mask = (j[:, None] < k) & (i[None, :] < d)
@@ -144,10 +160,15 @@ def perturbed_topk_fwd(scores: torch.Tensor, k: int, num_samples: int, sigma: fl
     k_pad = triton.next_power_of_2(k)
     lo, hi = split_seed(seed)
     acc = tl.float64 if scores.dtype == torch.float64 else tl.float32
-    _perturbed_topk_fwd_kernel[(b,)](
-        scores, noise_arg, ind, w, d, k, S, sigma, lo, hi, HAS_NOISE=has_noise, GUMBEL=gumbel,
-        HARD=hard, ACC=acc, BLOCK_S=_sample_block(S, 4 * block_q, k_pad), BLOCK_Q=block_q,
-        K_PAD=k_pad)
+    with device_guard(scores):
+        _perturbed_topk_fwd_kernel[(b,)](
+            scores, noise_arg, ind, w, d, k, S, sigma, lo, hi, HAS_NOISE=has_noise,
+            GUMBEL=gumbel, HARD=hard, ACC=acc, BLOCK_S=_sample_block(S, 4 * block_q, k_pad),
+            BLOCK_Q=block_q, K_PAD=k_pad,
+            # No fused multiply-add: the GPU compiler would turn scores + z * sigma into one
+            # FMA (one rounding), and a selection is only bit-exact with the reference (the
+            # authors' code) given the product rounded before the sum.
+            enable_fp_fusion=False)
     return ind, w
 
 
@@ -161,6 +182,8 @@ def perturbed_topk_bwd(grad: torch.Tensor, w: torch.Tensor, num_samples: int, si
     k_pad = triton.next_power_of_2(k)
     block_d = triton.next_power_of_2(d) if triton_interpret() else max(1, min(
         triton.next_power_of_2(d), 4096 // k_pad))
-    _perturbed_topk_bwd_kernel[(b, triton.cdiv(d, block_d))](
-        grad, w, out, d, k, num_samples, sigma, BLOCK_D=block_d, K_PAD=k_pad)
+    n_blocks = triton.cdiv(d, block_d)
+    with device_guard(w):
+        _perturbed_topk_bwd_kernel[(b * n_blocks,)](
+            grad, w, out, d, k, num_samples, sigma, n_blocks, BLOCK_D=block_d, K_PAD=k_pad)
     return out

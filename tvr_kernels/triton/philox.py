@@ -1,5 +1,10 @@
 """Philox4x32-10 and the uniform/normal transforms in Triton, transcribed from
-csrc/include/tvr/philox.h (same bits for the same seed and counter; tested)."""
+csrc/include/tvr/philox.h (same bits for the same seed and counter; tested).
+
+Kernels that take the key words as arguments must list them in ``do_not_specialize``: Triton
+specialises an int argument equal to 1 to a constexpr, which has no ``.to()``, so a seed whose
+low or high word is 1 (seed 1, 2**32 + 7, ...) would not compile (the interpreter accepts it).
+"""
 import triton
 import triton.language as tl
 
@@ -54,7 +59,7 @@ def box_muller(a, b):
     return r * tl.cos(th), r * tl.sin(th)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _philox_test_kernel(c_ptr, out_ptr, n, seed_lo, seed_hi, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = i < n
@@ -73,9 +78,12 @@ def philox(counters, seed: int):
     """Test hook: counters int64 ``[n, 4]`` (uint32 values) -> int64 ``[n, 4]`` outputs."""
     import torch
 
+    from . import device_guard
+
     counters = counters.contiguous()
     out = torch.empty_like(counters)
     n = counters.shape[0]
     lo, hi = split_seed(seed)
-    _philox_test_kernel[(triton.cdiv(n, 128),)](counters, out, n, lo, hi, BLOCK=128)
+    with device_guard(counters):
+        _philox_test_kernel[(triton.cdiv(n, 128),)](counters, out, n, lo, hi, BLOCK=128)
     return out

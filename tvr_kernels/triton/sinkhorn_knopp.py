@@ -16,18 +16,35 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpret
+from . import device_guard
 
 
 @triton.jit
-def _logit_tile(L_ptr, rows, rmask, v0, Nv, ACC: tl.constexpr, BLOCK_V: tl.constexpr):
-    """The [BLOCK_R, BLOCK_V] tile of the logits at columns v0.. of `rows`, in ACC (0 where
-    masked), with its columns, column mask, tile mask and flat offsets."""
+def _row_block(Nq, BLOCK_R: tl.constexpr):
+    """This program's BLOCK_R rows, clamped to Nq - 1, and which of them are real.
+
+    Loads use the clamped rows and so need no row mask: rows past Nq re-read row Nq - 1 (from
+    L1/L2) and are zeroed where they would count (their exp scale is -inf / 0, their dF is 0),
+    and only stores are row-masked. Per-row predicates kept live across the column loops are
+    what made ptxas spill (it has 7 predicate registers)."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # int32: r < Nq + BLOCK_R < 2**31
+    return tl.minimum(r, Nq - 1).to(tl.int64), r < Nq
+
+
+@triton.jit
+def _logit_tile(L_ptr, rows, v0, Nv, ACC: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The [BLOCK_R, BLOCK_V] tile of the logits at columns v0.. of the (clamped) `rows`, in
+    ACC (0 in columns past Nv), with its columns, column mask and flat offsets."""
     cols = v0 + tl.arange(0, BLOCK_V)
     cmask = cols < Nv
-    mask = rmask[:, None] & cmask[None, :]
     offs = rows[:, None] * Nv + cols[None, :]
-    x = tl.load(L_ptr + offs, mask=mask, other=0.0).to(ACC)
-    return cols, cmask, mask, offs, x
+    x = tl.load(L_ptr + offs, mask=cmask[None, :], other=0.0).to(ACC)
+    return cols, cmask, offs, x
+
+
+# Values in columns past Nv are garbage (even inf/NaN) in every kernel below: each column's
+# sum only reads its own column and those columns are never stored, so only row reductions
+# mask them.
 
 
 @triton.jit
@@ -35,17 +52,16 @@ def _colsum_kernel(L_ptr, shift_ptr, part_ptr, Nq, Nv,
                    PER_COL: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
     """part[pid, j] = sum over this program's rows of exp(L_ij - shift) (shift = m: shift_ptr
     holds one value; PER_COL: shift_j, the log domain passes the column maxima)."""
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < Nq
+    pid = tl.program_id(0).to(tl.int64)  # for the partials' offsets pid * Nv
+    rows, real = _row_block(Nq, BLOCK_R)
+    rshift = tl.where(real, 0.0, -float("inf")).to(ACC)  # exp(... + rshift) = 0 past Nq
     for v0 in range(0, Nv, BLOCK_V):
-        cols, cmask, mask, offs, x = _logit_tile(L_ptr, rows, rmask, v0, Nv, ACC, BLOCK_V)
+        cols, cmask, offs, x = _logit_tile(L_ptr, rows, v0, Nv, ACC, BLOCK_V)
         if PER_COL:
             sh = tl.load(shift_ptr + cols, mask=cmask, other=0.0)
-            e = tl.exp(x - sh[None, :])
+            e = tl.exp(x - sh[None, :] + rshift[:, None])
         else:
-            e = tl.exp(x - tl.load(shift_ptr))
-        e = tl.where(mask, e, 0.0)
+            e = tl.exp(x - tl.load(shift_ptr) + rshift[:, None])
         tl.store(part_ptr + pid * Nv + cols, tl.sum(e, axis=0), mask=cmask)
 
 
@@ -56,41 +72,41 @@ def _iter_kernel(L_ptr, vec_ptr, f_ptr, part_ptr, m_ptr, Nq, Nv,
     LOG:  vec = g_{t-1}; f_i = -LSE_j(L_ij + g_j); part[pid, j] = sum_i exp(L_ij + g_j + f_i).
     else: vec = b;       a_i = 1 / sum_j exp(L_ij - m) b_j; f_i = log a_i;
           part[pid, j] = sum_i a_i exp(L_ij - m)   (the authors' a @ K)."""
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < Nq
+    pid = tl.program_id(0).to(tl.int64)  # for the partials' offsets pid * Nv
+    rows, real = _row_block(Nq, BLOCK_R)
     m = tl.load(m_ptr)  # a pointer, not a scalar argument: Python floats pass as float32
     # walk 1: row reductions
     rmax = tl.full((BLOCK_R,), -float("inf"), ACC)
     s = tl.zeros((BLOCK_R,), ACC)
     for v0 in range(0, Nv, BLOCK_V):
-        cols, cmask, mask, offs, x = _logit_tile(L_ptr, rows, rmask, v0, Nv, ACC, BLOCK_V)
+        cols, cmask, offs, x = _logit_tile(L_ptr, rows, v0, Nv, ACC, BLOCK_V)
         vec = tl.load(vec_ptr + cols, mask=cmask, other=0.0)
         if LOG:
-            v = tl.where(mask, x + vec[None, :], -float("inf"))
+            # every chunk holds a real column, so new_max is finite (rows are all real
+            # logits) and the first chunk's exp(-inf - new_max) zeroes the empty sum
+            v = tl.where(cmask[None, :], x + vec[None, :], -float("inf"))
             new_max = tl.maximum(rmax, tl.max(v, axis=1))
-            # rows out of range keep -inf: shift by 0 there instead of -inf - -inf
-            safe = tl.where(new_max == -float("inf"), 0.0, new_max)
-            s = s * tl.exp(rmax - safe) + tl.sum(tl.exp(v - safe[:, None]), axis=1)
+            s = s * tl.exp(rmax - new_max) + tl.sum(tl.exp(v - new_max[:, None]), axis=1)
             rmax = new_max
         else:
-            k = tl.where(mask, tl.exp(x - m), 0.0)
+            k = tl.where(cmask[None, :], tl.exp(x - m), 0.0)
             s += tl.sum(k * vec[None, :], axis=1)
     if LOG:
-        f = -(rmax + tl.log(tl.where(rmask, s, 1.0)))  # rows past Nq: no log(0)
+        f = -(rmax + tl.log(s))
+        w = tl.where(real, f, -float("inf"))  # walk 2's exp scale: 0 for rows past Nq
     else:
         a = 1.0 / s
         f = tl.log(a)
-    tl.store(f_ptr + rows, f, mask=rmask)
+        w = tl.where(real, a, 0.0)
+    tl.store(f_ptr + rows, f, mask=real)
     # walk 2: this tile's share of the column sums
     for v0 in range(0, Nv, BLOCK_V):
-        cols, cmask, mask, offs, x = _logit_tile(L_ptr, rows, rmask, v0, Nv, ACC, BLOCK_V)
+        cols, cmask, offs, x = _logit_tile(L_ptr, rows, v0, Nv, ACC, BLOCK_V)
         vec = tl.load(vec_ptr + cols, mask=cmask, other=0.0)
         if LOG:
-            p = tl.exp(x + vec[None, :] + f[:, None])
+            p = tl.exp(x + vec[None, :] + w[:, None])
         else:
-            p = a[:, None] * tl.exp(x - m)
-        p = tl.where(mask, p, 0.0)
+            p = w[:, None] * tl.exp(x - m)
         tl.store(part_ptr + pid * Nv + cols, tl.sum(p, axis=0), mask=cmask)
 
 
@@ -99,32 +115,33 @@ def _bwd_kernel(L_ptr, f_ptr, gt_ptr, gp_ptr, dgt_ptr, dfin_ptr, dL_ptr, part_pt
                 FIRST: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
     """Backward of step t over BLOCK_R rows (see csrc/cpu/sinkhorn_knopp.cpp):
     dF_i = dFin_i - sum_j Pg_ij dG_j;  dL -= dG Pg + dF Pf;  part[pid, j] = -sum_i dF_i Pf_ij."""
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < Nq
-    f = tl.load(f_ptr + rows, mask=rmask, other=0.0)
+    pid = tl.program_id(0).to(tl.int64)  # for the partials' offsets pid * Nv
+    rows, real = _row_block(Nq, BLOCK_R)
+    f = tl.load(f_ptr + rows)
     dot = tl.zeros((BLOCK_R,), ACC)
     for v0 in range(0, Nv, BLOCK_V):
-        cols, cmask, mask, offs, x = _logit_tile(L_ptr, rows, rmask, v0, Nv, ACC, BLOCK_V)
+        cols, cmask, offs, x = _logit_tile(L_ptr, rows, v0, Nv, ACC, BLOCK_V)
         gt = tl.load(gt_ptr + cols, mask=cmask, other=0.0)
         dg = tl.load(dgt_ptr + cols, mask=cmask, other=0.0)
-        pg = tl.where(mask, tl.exp(x + f[:, None] + gt[None, :]), 0.0)
+        pg = tl.where(cmask[None, :], tl.exp(x + f[:, None] + gt[None, :]), 0.0)
         dot += tl.sum(pg * dg[None, :], axis=1)
     if FIRST:
-        df = tl.load(dfin_ptr + rows, mask=rmask, other=0.0) - dot
+        df = tl.load(dfin_ptr + rows) - dot
     else:
         df = -dot
+    df = tl.where(real, df, 0.0)  # rows past Nq add nothing to the column partials
     for v0 in range(0, Nv, BLOCK_V):
-        cols, cmask, mask, offs, x = _logit_tile(L_ptr, rows, rmask, v0, Nv, ACC, BLOCK_V)
+        cols, cmask, offs, x = _logit_tile(L_ptr, rows, v0, Nv, ACC, BLOCK_V)
         gt = tl.load(gt_ptr + cols, mask=cmask, other=0.0)
         gp = tl.load(gp_ptr + cols, mask=cmask, other=0.0)
         dg = tl.load(dgt_ptr + cols, mask=cmask, other=0.0)
         pg = tl.exp(x + f[:, None] + gt[None, :])
-        pf = tl.where(mask, tl.exp(x + f[:, None] + gp[None, :]), 0.0)
+        pf = tl.exp(x + f[:, None] + gp[None, :])
         d = -dg[None, :] * pg - df[:, None] * pf
         if not FIRST:
-            d += tl.load(dL_ptr + offs, mask=mask, other=0.0)
-        tl.store(dL_ptr + offs, d, mask=mask)
+            d += tl.load(dL_ptr + offs, mask=cmask[None, :], other=0.0)
+        # rows past Nq alias row Nq - 1 with other values: they must not store
+        tl.store(dL_ptr + offs, d, mask=real[:, None] & cmask[None, :])
         tl.store(part_ptr + pid * Nv + cols, -tl.sum(df[:, None] * pf, axis=0), mask=cmask)
 
 
@@ -132,23 +149,42 @@ def _bwd_kernel(L_ptr, f_ptr, gt_ptr, gp_ptr, dgt_ptr, dfin_ptr, dL_ptr, part_pt
 def _bwd0_kernel(L_ptr, g0_ptr, dg0_ptr, dL_ptr, Nq, Nv,
                  ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
     """dL -= dG0 exp(L + g0) (the initial column normalisation)."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < Nq
+    rows, real = _row_block(Nq, BLOCK_R)
     for v0 in range(0, Nv, BLOCK_V):
-        cols, cmask, mask, offs, x = _logit_tile(L_ptr, rows, rmask, v0, Nv, ACC, BLOCK_V)
+        cols, cmask, offs, x = _logit_tile(L_ptr, rows, v0, Nv, ACC, BLOCK_V)
         g0 = tl.load(g0_ptr + cols, mask=cmask, other=0.0)
         dg = tl.load(dg0_ptr + cols, mask=cmask, other=0.0)
-        d = tl.load(dL_ptr + offs, mask=mask, other=0.0) - dg[None, :] * tl.exp(x + g0[None, :])
-        tl.store(dL_ptr + offs, d, mask=mask)
+        d = tl.load(dL_ptr + offs, mask=cmask[None, :], other=0.0) - dg[None, :] * tl.exp(x + g0[None, :])
+        tl.store(dL_ptr + offs, d, mask=real[:, None] & cmask[None, :])
 
 
-def _blocks(Nq: int, Nv: int) -> tuple[int, int]:
+def _gpu_blocks(Nq: int, Nv: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_V, num_warps) on a GPU. Checked by compiling for sm_80/sm_90 (ptxas -v),
+    not yet timed on a GPU:
+
+    * BLOCK_R = 32 keeps the column partials [cdiv(Nq, 32), Nv] (float32) at 1/32 of the
+      logits' elements: ~6% extra traffic for float32 logits (written once, summed once).
+    * A thread holds 16 logits of a tile (8 in float64, whose values take two registers):
+      16 independent row loads in flight per thread, and no spills at [45000, 1000] (sm_90:
+      80-199 registers; float64 at 16 would need up to 254, at 8 it needs <= 160).
+    * Few resident programs, so that walk 2 finds its row tile in L2: a tile is 32 x Nv
+      logits (125 KiB in float32 at Nv = 1000), and the iteration kernel's 128 registers x
+      256 threads leave 2 programs per SM: ~33 MB between a tile's two reads on 132 SMs
+      (H100/H200 L2: 50 MB). Smaller, more numerous programs would evict it first.
+    Narrower tiles (small Nv or Nq) get fewer warps at the same logits per thread.
+    """
+    per_thread = 8 if dtype == torch.float64 else 16
+    block_r = min(32, triton.next_power_of_2(Nq))
+    block_v = min(triton.next_power_of_2(Nv), 8 * per_thread)
+    num_warps = max(1, min(8, block_r * block_v // (32 * per_thread)))
+    return block_r, block_v, num_warps
+
+
+def _blocks(Nq: int, Nv: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_V, num_warps) for logits [Nq, Nv] of `dtype`."""
     if triton_interpret():  # each program instance costs milliseconds: few, large programs
-        return min(triton.next_power_of_2(Nq), 64), min(triton.next_power_of_2(Nv), 128)
-    # 32-row tiles keep the per-program column partials ([Nq/32, Nv]) at ~3% of the logits'
-    # traffic; the second walk over a 32 x Nv tile is served from L2. (Not tuned on a GPU
-    # yet: this session had none.)
-    return 32, min(triton.next_power_of_2(Nv), 256)
+        return min(triton.next_power_of_2(Nq), 64), min(triton.next_power_of_2(Nv), 128), 4
+    return _gpu_blocks(Nq, Nv, dtype)
 
 
 def _acc(dtype: torch.dtype):
@@ -162,31 +198,30 @@ def sinkhorn_knopp_fwd(logits: torch.Tensor, n_iters: int,
     L = logits.contiguous()
     acc, ACC = _acc(L.dtype)
     Nq, Nv = L.shape
-    br, bv = _blocks(Nq, Nv)
+    br, bv, nw = _blocks(Nq, Nv, L.dtype)
     n_prog = triton.cdiv(Nq, br)
+    cfg = dict(ACC=ACC, BLOCK_R=br, BLOCK_V=bv, num_warps=nw)
     part = torch.empty((n_prog, Nv), device=L.device, dtype=acc)
     f_hist = torch.empty((n_iters, Nq), device=L.device, dtype=acc)
     g_hist = torch.empty((n_iters + 1, Nv), device=L.device, dtype=acc)
     m = L.max().to(acc).reshape(1)
-    if log_domain:
-        cmax = L.amax(0).to(acc)
-        _colsum_kernel[(n_prog,)](L, cmax, part, Nq, Nv, PER_COL=True, ACC=ACC, BLOCK_R=br, BLOCK_V=bv)
-        g_hist[0] = -(cmax + part.sum(0).log())
-    else:
-        _colsum_kernel[(n_prog,)](L, m, part, Nq, Nv, PER_COL=False, ACC=ACC, BLOCK_R=br,
-                                  BLOCK_V=bv)
-        b = 1.0 / part.sum(0)
-        g_hist[0] = b.log() - m
-    for t in range(1, n_iters + 1):
+    with device_guard(L):
         if log_domain:
-            _iter_kernel[(n_prog,)](L, g_hist[t - 1], f_hist[t - 1], part, m, Nq, Nv,
-                                    LOG=True, ACC=ACC, BLOCK_R=br, BLOCK_V=bv)
-            g_hist[t] = g_hist[t - 1] - part.sum(0).log()
+            cmax = L.amax(0).to(acc)
+            _colsum_kernel[(n_prog,)](L, cmax, part, Nq, Nv, PER_COL=True, **cfg)
+            g_hist[0] = -(cmax + part.sum(0).log())
         else:
-            _iter_kernel[(n_prog,)](L, b, f_hist[t - 1], part, m, Nq, Nv,
-                                    LOG=False, ACC=ACC, BLOCK_R=br, BLOCK_V=bv)
+            _colsum_kernel[(n_prog,)](L, m, part, Nq, Nv, PER_COL=False, **cfg)
             b = 1.0 / part.sum(0)
-            g_hist[t] = b.log() - m
+            g_hist[0] = b.log() - m
+        for t in range(1, n_iters + 1):
+            if log_domain:
+                _iter_kernel[(n_prog,)](L, g_hist[t - 1], f_hist[t - 1], part, m, Nq, Nv, LOG=True, **cfg)
+                g_hist[t] = g_hist[t - 1] - part.sum(0).log()
+            else:
+                _iter_kernel[(n_prog,)](L, b, f_hist[t - 1], part, m, Nq, Nv, LOG=False, **cfg)
+                b = 1.0 / part.sum(0)
+                g_hist[t] = b.log() - m
     return f_hist, g_hist
 
 
@@ -197,15 +232,17 @@ def sinkhorn_knopp_bwd(logits: torch.Tensor, f_hist: torch.Tensor, g_hist: torch
     acc, ACC = _acc(L.dtype)
     Nq, Nv = L.shape
     T = f_hist.shape[0]
-    br, bv = _blocks(Nq, Nv)
+    br, bv, nw = _blocks(Nq, Nv, L.dtype)
     n_prog = triton.cdiv(Nq, br)
+    cfg = dict(ACC=ACC, BLOCK_R=br, BLOCK_V=bv, num_warps=nw)
     f_hist, g_hist = f_hist.to(acc).contiguous(), g_hist.to(acc).contiguous()
     dF, dg = dF.to(acc).contiguous(), dG.to(acc).contiguous()
     part = torch.empty((n_prog, Nv), device=L.device, dtype=acc)
     dL = torch.empty((Nq, Nv), device=L.device, dtype=acc)
-    for t in range(T, 0, -1):
-        _bwd_kernel[(n_prog,)](L, f_hist[t - 1], g_hist[t], g_hist[t - 1], dg, dF, dL, part,
-                               Nq, Nv, FIRST=t == T, ACC=ACC, BLOCK_R=br, BLOCK_V=bv)
-        dg = part.sum(0)
-    _bwd0_kernel[(n_prog,)](L, g_hist[0], dg, dL, Nq, Nv, ACC=ACC, BLOCK_R=br, BLOCK_V=bv)
+    with device_guard(L):
+        for t in range(T, 0, -1):
+            _bwd_kernel[(n_prog,)](L, f_hist[t - 1], g_hist[t], g_hist[t - 1], dg, dF, dL, part,
+                                   Nq, Nv, FIRST=t == T, **cfg)
+            dg = part.sum(0)
+        _bwd0_kernel[(n_prog,)](L, g_hist[0], dg, dL, Nq, Nv, **cfg)
     return dL.to(logits.dtype)
