@@ -270,22 +270,26 @@ TILED_CASES = [
 @pytest.mark.parametrize("case", TILED_CASES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_isa_triton_tiled_path(monkeypatch, case, dtype):
-    """The path for n too large to hold a row and the weight whole (n > 64 on a GPU), forced
-    here at small n with 16-wide column blocks, and a scratch of a few rows so that the
+    """The path for n too large to hold a row and the weight whole (float32: n > 64 forward,
+    n > 32 backward; float64: half), forced here at small n with 16-wide column blocks, and a scratch of a few rows so that the
     backward runs in several row chunks (the last one ragged)."""
     triton_isa = _triton_isa_module()
-    monkeypatch.setattr(triton_isa, "_ISA_ROWS_MAX_N", 8)
+    monkeypatch.setattr(triton_isa, "_ISA_ROWS_MAX_N", (8, 8))
     monkeypatch.setattr(triton_isa, "_ISA_TILE_C", (16, 16))
     n = case[0][case[1]]
     monkeypatch.setattr(triton_isa, "_ISA_SCRATCH_BYTES", 2 * n * dtype.itemsize * 4)  # 4 rows
-    assert triton_isa._isa_plan(10, n, dtype.itemsize)["tiled"]
+    assert all(triton_isa._isa_plan(10, n, dtype.itemsize, bwd)["tiled"] for bwd in (0, 1))
     _check_isa("triton", "cpu", *case, dtype)
 
 
-def test_isa_triton_vit_patches():
-    """n = 196 (ViT-B/16 patches) takes the tiled path with its GPU block widths."""
+def test_isa_triton_patch_axes():
+    """The papers' patch axes with the launcher's own choices: n = 48 (UCoFiA's selected
+    patches) runs the rows path forward and the tiled path backward; n = 196 (ViT-B/16
+    patches) the tiled path both ways, with its GPU block widths."""
     triton_isa = _triton_isa_module()
-    assert triton_isa._isa_plan(6, 196, 4)["tiled"]
+    assert [triton_isa._isa_plan(6, 48, 4, bwd)["tiled"] for bwd in (0, 1)] == [False, True]
+    _check_isa("triton", "cpu", (3, 5, 48), -1, "clip", torch.float32)
+    assert all(triton_isa._isa_plan(6, 196, 4, bwd)["tiled"] for bwd in (0, 1))
     _check_isa("triton", "cpu", (2, 3, 196), -1, "clip", torch.float32)
     # float16 storage, float32 compute: against the reference on the same (rounded) values.
     sim = _sims(2, 3, 196, kind="clip", dtype=torch.float16)
@@ -378,7 +382,7 @@ def run(f, *args):
         pass
 
 f32 = dict(dtype=torch.float32)
-for n in (48, 196):        # the rows path and the tiled path
+for n in (12, 48, 196):    # rows; rows forward, tiled backward; tiled
     x, w = torch.randn(64, n, **f32), torch.randn(n, n, **f32)
     run(K.isa_fwd, x, w, 0.01)
     run(K.isa_bwd, torch.randn(64, **f32), x, w, 0.01)
@@ -391,7 +395,7 @@ print(json.dumps({"kernels": found}))
 
 
 def test_triton_kernels_compile_for_sm90(tmp_path):
-    """The launches at the papers' shapes (ISA n = 48 and 196, Bi-ISA L = 32, P = 48, D = 512;
+    """The launches at the papers' shapes (ISA n = 12, 48, 196, Bi-ISA L = 32, P = 48, D = 512;
     float32) compile for sm_90 (no GPU needed: Triton compiles for a target) within its
     shared memory. The interpreter enforces none of the compiler's rules."""
     pytest.importorskip("triton")
@@ -405,8 +409,9 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
     if "skip" in res:
         pytest.skip(res["skip"])
     names = [k["kernel"] for k in res["kernels"]]
-    assert names == ["_isa_rows_fwd_kernel", "_isa_rows_bwd_kernel", "_isa_tiled_fwd_kernel",
-                     "_isa_tiled_bwd_kernel", "_bi_isa_fwd_kernel", "_bi_isa_bwd_kernel"], names
+    assert names == ["_isa_rows_fwd_kernel", "_isa_rows_bwd_kernel", "_isa_rows_fwd_kernel",
+                     "_isa_tiled_bwd_kernel", "_isa_tiled_fwd_kernel", "_isa_tiled_bwd_kernel",
+                     "_bi_isa_fwd_kernel", "_bi_isa_bwd_kernel"], names
     for k in res["kernels"]:
         assert k["shared"] <= 232448, k    # sm_90's shared memory per block
 

@@ -1,8 +1,9 @@
 """ISA and Bi-ISA (SPEC 3) in Triton; the math is the transcription of csrc/include/tvr/isa.h.
 
-isa reduces the rows of an ``[R, n]`` tensor, by one of two paths the launcher picks from n:
+isa reduces the rows of an ``[R, n]`` tensor, by one of two paths the launcher picks from n
+(separately for the forward and the backward, whose limits differ):
 
-* rows (``n <= _ISA_ROWS_MAX_N``): a program holds BLOCK_R whole rows padded to BLOCK_N, and
+* rows (n up to ``_ISA_ROWS_MAX_N``): a program holds BLOCK_R whole rows padded to BLOCK_N, and
   the ``[BLOCK_N, BLOCK_N]`` weight, in registers; ``A @ weight`` is one ``tl.dot``. Backward
   programs each walk a fixed set of row blocks, accumulate the weight gradient in registers
   and write one partial (summed by torch: deterministic, memory independent of R).
@@ -39,12 +40,15 @@ from . import device_guard
 
 _PRECISION: tl.constexpr = tl.constexpr("ieee")
 
-# isa: largest n held whole in registers (rows path; half that in float64, whose backward
-# spills at BLOCK_N = 64); above it, the tiled path.
-_ISA_ROWS_MAX_N = 64
-# isa, rows path: warps per program (forward, backward) by BLOCK_N (at 64, 4 warps make the
-# backward use all 255 registers, 8 warps 79).
-_ISA_ROWS_WARPS = {16: (4, 4), 32: (4, 4), 64: (4, 8)}
+# isa: largest n held whole in registers (rows path), forward and backward, in float32/16;
+# half that in float64. Above it, the tiled path. (The rows backward at BLOCK_N = 64 used
+# 255 registers with 4 warps, and spilled 8-12 B with 4 or 8 warps on sm_80 or sm_90
+# depending on the specialisation; the tiled backward takes 72-119 registers there.)
+_ISA_ROWS_MAX_N = (64, 32)
+# isa, rows path: elements (rows x BLOCK_N) per block of rows, in float32.
+_ISA_ROWS_ELEMS = 1024
+# isa, rows path: warps per program (forward, backward) by BLOCK_N.
+_ISA_ROWS_WARPS = {16: (4, 4), 32: (4, 4), 64: (4, 4)}
 # isa, tiled path: width of the column blocks on a GPU and warps, (forward, backward). The
 # backward at 32 uses 255 registers on sm_90 and spills on sm_80; at 16, 96-104 registers.
 _ISA_TILE_C = (32, 16)
@@ -231,6 +235,9 @@ def _b_cols(x_ptr, w_ptr, rows, rmask, j0, n, s, m1, l1, ACC: tl.constexpr,
 def _isa_tiled_fwd_kernel(x_ptr, w_ptr, y_ptr, s_ptr, R, n, ACC: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """x [R, n], w [n, n], s [1] -> y [R], any n: only BLOCK_C-wide blocks are held."""
+    # Every loop over n runs at least once: without the hint ptxas spills the values that
+    # merge at a loop's zero-trip exit.
+    tl.assume(n > 0)
     s = tl.load(s_ptr)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
@@ -252,6 +259,7 @@ def _isa_tiled_bwd_kernel(g_ptr, x_ptr, w_ptr, gx_ptr, b_ptr, db_ptr, s_ptr, R, 
     A and db holds dL/dB, so that grad w = A^T dL/dB (a GEMM on the host).
 
     Uses ada = sum_i A_i dA_i = sum_j B_j dB_j (dA = dB W^T, B = A W), known before dA."""
+    tl.assume(n > 0)         # see _isa_tiled_fwd_kernel
     s = tl.load(s_ptr)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
@@ -311,12 +319,12 @@ def _scale(tau: float, x: torch.Tensor) -> torch.Tensor:
 
 def _isa_plan(R: int, n: int, acc_bytes: int, backward: bool = False) -> dict:
     """Path and launch parameters of isa for [R, n] rows (accumulating in acc_bytes floats)."""
-    if n <= (_ISA_ROWS_MAX_N if acc_bytes <= 4 else _ISA_ROWS_MAX_N // 2):
+    if n <= _ISA_ROWS_MAX_N[backward] * 4 // acc_bytes:
         block_n = max(16, triton.next_power_of_2(n))     # tl.dot needs every dimension >= 16
         if triton_interpret():  # each program instance costs milliseconds: few, large programs
             block_r = max(16, min(triton.next_power_of_2(max(R, 1)), 1024))
         else:
-            block_r = max(16, min(64, 1024 // block_n * 4 // acc_bytes))
+            block_r = max(16, min(64, _ISA_ROWS_ELEMS // block_n * 4 // acc_bytes))
         return dict(tiled=False, BLOCK_R=block_r, BLOCK_N=block_n,
                     num_warps=_ISA_ROWS_WARPS[block_n][backward])
     block_c = min(_ISA_TILE_C[backward], triton.next_power_of_2(n))
@@ -443,9 +451,9 @@ def _bi_isa_fwd_kernel(words_ptr, patches_ptr, ww_ptr, pw_ptr, ww2_ptr, pw2_ptr,
                        BD: tl.constexpr):
     """out [Bt, Bv]; program tt * Bv + v scores the pair (t0 + tt, v).
 
-    Registers (L = 32, P = 48, 8 warps, sm_90): 114-166, no spills in float32/16; float64
-    doubles every tile and spills ~50 B past the 255-register cap (16 warps halve the cap
-    and spill more)."""
+    Registers (L = 32, P = 48, 8 warps): 72-166, no spills in float32/16/bf16 on sm_80 and
+    sm_90. float64 doubles every tile and spills 48 B past the 255-register cap on sm_90
+    (16 warps halve the cap and spill more; a smaller block of D does not help)."""
     pid = tl.program_id(0).to(tl.int64)
     t = t0 + pid // Bv
     v = pid % Bv
@@ -466,9 +474,10 @@ def _bi_isa_bwd_kernel(grad_ptr, words_ptr, patches_ptr, ww_ptr, pw_ptr, ww2_ptr
     dL/dG, and the weight-gradient factors of path A (fac_a [2, pairs, P, L], vec_a
     [2, pairs, P]) and path B (fac_b [2, pairs, L, P], vec_b [2, pairs, L]), see _path_bwd.
 
-    Registers (L = 32, P = 48, 8 warps, sm_90): 162-176, no spills in float32/16; float64
-    doubles every tile and spills ~2.4 KB past the 255-register cap (16 warps halve the cap
-    and spill more)."""
+    Registers (L = 32, P = 48, 8 warps): 128-176, no spills in float32/16/bf16 on sm_80 and
+    sm_90. float64 doubles every tile and spills 2.4 KB (sm_90) / 4.4 KB (sm_80) per thread:
+    one path's [L, P] tiles and dot operands exceed the 255-register cap (16 warps halve the
+    cap and spill more). float64 serves gradchecks, not speed."""
     pair = tl.program_id(0).to(tl.int64)
     tt = pair // Vc
     vv = pair % Vc
