@@ -57,3 +57,11 @@ def test_probes_catch_what_the_interpreter_allows(arch):
     assert good["error"] == "" and good["smem_ok"] and good["grid_ok"]
     assert good["regs"] > 0 and good["spills"] == 0
     assert not good["unguarded"] and r["big_grid"]["unguarded"]  # launched outside device_guard
+
+
+@needs_binder
+def test_every_launch_compiles_for_sm80_and_sm90():
+    res = _run(["-m", "tvr_kernels.info", "--compile", "sm_80,sm_90"], timeout=1500)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-8000:]
+    assert " 0 failed" in out and " 0 spill registers" in out, out[-8000:]
