@@ -59,6 +59,9 @@ def check_stochastic_max_similarity_args(text, frames, pooled, radius_weight, ra
     _validate.integer("pair_offset[1]", pair_offset[1], min_value=0)
     Nt, D = text.shape
     Nv, T, Df = frames.shape
+    if D == 0:
+        raise ValueError("text is [Nt, D] with D = 0: the embedding dimension must be >= 1 "
+                         "(a cosine of empty vectors is undefined)")
     if Df != D:
         raise ValueError(f"frames is [Nv, T, D] = {tuple(frames.shape)} but text is [Nt, D] = "
                          f"{tuple(text.shape)}: D must agree (frames.shape[2] = {Df}, D = {D})")
@@ -250,15 +253,27 @@ def stochastic_text_embedding(text, frames, radius_weight, radius_bias, best, pa
     _validate.tensor("frames", frames, ndim=3, shape_doc="[Nv, T, D]")
     Nt, D = text.shape
     Nv = frames.shape[0]
-    if not isinstance(best, torch.Tensor) or best.dtype != torch.int64 or tuple(best.shape) != (Nt, Nv):
-        raise ValueError(f"best must be an int64 tensor [Nt, Nv] = {(Nt, Nv)}")
+    if not isinstance(best, torch.Tensor) or best.dtype != torch.int64:
+        got = best.dtype if isinstance(best, torch.Tensor) else type(best).__name__
+        raise TypeError(f"best must be an int64 tensor [Nt, Nv] = {(Nt, Nv)} (the indices "
+                        f"stochastic_max_similarity returned), got {got}")
+    if tuple(best.shape) != (Nt, Nv):
+        raise ValueError(f"best must be [Nt, Nv] = {(Nt, Nv)}, got {tuple(best.shape)}")
     M = int(noise.shape[2]) if isinstance(noise, torch.Tensor) and noise.dim() == 4 else 1
     # pooled is not needed here: a broadcast stand-in of the right shape passes its checks.
     stand_in = text.new_empty(()).expand(Nv, Nt, D)
     check_stochastic_max_similarity_args(text, frames, stand_in, radius_weight, radius_bias,
                                          M, prior, std, seed, noise, pair_offset)
-    if noise is not None and best.numel() and int(best.max()) >= M:
-        raise ValueError(f"best holds sample index {int(best.max())} but noise has M = {M}")
+    if best.numel():
+        lo, hi = int(best.min()), int(best.max())
+        if lo < 0:
+            raise ValueError(f"best must hold sample indices >= 0 (as returned by "
+                             f"stochastic_max_similarity), got {lo}")
+        if noise is not None and hi >= M:
+            raise ValueError(f"best holds sample index {hi} but noise has M = {M}")
+        if hi >= 2 ** 32:
+            raise ValueError(f"best holds sample index {hi}: sample indices are 32-bit Philox "
+                             "counter words (< 2**32)")
     if noise is None and seed is None:
         raise ValueError("seed is required to recompute the noise (pass the seed given to "
                          "stochastic_max_similarity)")
