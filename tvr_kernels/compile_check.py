@@ -294,22 +294,18 @@ def compile_all(launches: list[Launch], archs: Iterable[int], jobs: int = 0,
             todo.append((i, arch))
             groups.append(([launch.case], launch.grid, not launch.guarded))
     jobs = jobs or os.cpu_count() or 1
-    if jobs > 1 and len(todo) > 1 and "fork" in multiprocessing.get_all_start_methods():
-        # Forked workers inherit the recorded launches (tensors and kernels do not pickle).
-        _POOL_LAUNCHES[:] = launches
-        ctx = multiprocessing.get_context("fork")
-        with ctx.Pool(min(jobs, len(todo))) as pool:
-            compiled = pool.imap(_compile_index, todo)
-            compiled = [_report(r, g, progress) for r, g in zip(compiled, groups)]
+    # Forked workers inherit the recorded launches (tensors and kernels do not pickle).
+    _POOL_LAUNCHES[:] = launches
+    try:
+        if jobs > 1 and len(todo) > 1 and "fork" in multiprocessing.get_all_start_methods():
+            with multiprocessing.get_context("fork").Pool(min(jobs, len(todo))) as pool:
+                compiled = [_report(r, g, progress)
+                            for r, g in zip(pool.imap(_compile_index, todo), groups)]
+        else:
+            compiled = [_report(_compile_index(job), g, progress) for job, g in zip(todo, groups)]
+    finally:
         _POOL_LAUNCHES.clear()
-    else:
-        compiled = [_report(_compile_index_local(launches, job), g, progress)
-                    for job, g in zip(todo, groups)]
     return results + compiled
-
-
-def _compile_index_local(launches: list[Launch], job: tuple[int, int]) -> Result:
-    return compile_launch(launches[job[0]], job[1])
 
 
 def _report(r: Result, group: tuple[list[str], tuple, bool],
