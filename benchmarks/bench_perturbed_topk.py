@@ -27,8 +27,23 @@ def _fused(scores, k, num_samples, sigma):
     return tk.perturbed_topk(scores, k, num_samples, sigma, seed=0)
 
 
+def _reference_full(scores, k, num_samples, sigma):
+    noise = torch.normal(0.0, 1.0, (scores.shape[0], num_samples, scores.shape[1]),
+                         device=scores.device)
+    return ref_topk(scores, k, num_samples, sigma, noise=noise, gradient="full")
+
+
+def _fused_full(scores, k, num_samples, sigma):
+    return tk.perturbed_topk(scores, k, num_samples, sigma, seed=0, gradient="full")
+
+
 CASES = [
     Case(op="perturbed_topk", name="[192,49] k=3 S=500 sigma=0.05", make_inputs=_inputs,
          grad_args=("scores",), modes=("fwd", "fwd+bwd"), reference=_authors, fused=_fused,
          note="reference draws torch.normal noise (the authors'); fused backends use seed=0"),
+    # The full estimator's backward walks the samples again (noise redrawn, selections redone).
+    Case(op="perturbed_topk", name="[192,49] k=3 S=500 sigma=0.05 gradient=full",
+         make_inputs=_inputs, grad_args=("scores",), modes=("fwd+bwd",),
+         reference=_reference_full, fused=_fused_full,
+         note="full estimator; reference: its eager formula on torch.normal noise"),
 ]

@@ -211,3 +211,33 @@ def test_frame_count_and_size_errors():
         TS2Net(tiny_ts2net().clip, num_frames=12, max_positions=40)
     with pytest.raises(ValueError, match="tokens"):
         UCoFiA(tiny_ts2net().clip, num_frames=T, max_words=16, max_positions=16).encode_text(*_texts(1))
+
+
+@pytest.mark.parametrize("cls", [TS2Net, UCoFiA])
+def test_topk_gradient_option(cls):
+    """``topk_gradient="full"`` reaches the token selection: same loss, a different gradient
+    for the score predictor (the only parameters behind the top-k), the same for the rest."""
+    torch.manual_seed(0)
+    base = tiny_ts2net(num_frames=T)
+    kw = dict(num_frames=T, topk=3, temporal_layers=1, temporal_heads=2, max_positions=T * 4,
+              num_samples=50)
+    if cls is UCoFiA:
+        kw["max_words"] = L
+    models = {g: cls(base.clip, topk_gradient=g, **kw) for g in ("diagonal", "full")}
+    models["full"].load_state_dict(models["diagonal"].state_dict())
+    ids, mask = _texts(3)
+    video, vmask = _videos(3)
+    losses, grads = {}, {}
+    for g, m in models.items():
+        m.set_selection(seed=3)
+        m.zero_grad()
+        losses[g] = m(ids, mask, video, vmask)
+        losses[g].backward()
+        grads[g] = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    assert torch.equal(losses["diagonal"], losses["full"])
+    sel = "visual_token_selector.score_predictor.out_conv.0.weight"
+    assert not torch.allclose(grads["diagonal"][sel], grads["full"][sel])
+    other = "clip.clip.text_model.encoder.layers.0.mlp.fc1.weight"
+    torch.testing.assert_close(grads["diagonal"][other], grads["full"][other])
+    with pytest.raises(ValueError, match="topk_gradient must be one of"):
+        cls(base.clip, topk_gradient="exact", **kw)

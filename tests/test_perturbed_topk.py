@@ -8,6 +8,8 @@ import torch
 import tvr_kernels as tk
 from tvr_kernels import _backend
 from tvr_kernels.reference import perturbed_topk as ref_topk
+from tvr_kernels.reference.perturbed_topk import _forward_pieces as ref_topk_pieces
+from tvr_kernels.reference.perturbed_topk import full_jacobian as ref_full_jacobian
 from tvr_kernels.reference.perturbed_topk import perturbed_topk_noise
 
 from conftest import DEVICES, fused_backends
@@ -240,6 +242,153 @@ def test_backward_is_the_estimator_formula(distribution, device):
         torch.testing.assert_close(gx.double().cpu(), want, rtol=1e-5, atol=1e-5, msg=be)
 
 
+# ------------------------------------------------------- gradient="full": the whole Jacobian
+
+def _full_by_jacobian(scores, noise, g, k, S, sigma, distribution):
+    """The eager full-Jacobian reference: J = E[onehot(z) g(z)^T] / sigma as a [b, k, d, d]
+    tensor (Berthet et al.'s "bnkd,bne->bkde"), contracted with the output gradient in
+    float64."""
+    _, one_hot = ref_topk_pieces(scores, k, S, sigma, noise, distribution)
+    jac = ref_full_jacobian(one_hot.double(), noise.double(), S, sigma, distribution)
+    return torch.einsum("bkd,bkde->be", g.double(), jac)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("distribution", ["normal", "gumbel"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_full_gradient_matches_the_jacobian(shape, distribution, device):
+    """Every backend's gradient="full" backward equals the eager full Jacobian contracted with
+    the output gradient, on injected noise; the forward does not depend on the estimator."""
+    b, d, k, S = shape
+    sigma = 0.05
+    scores, g = randn(b, d), randn(b, k, d)
+    noise = _noise(shape, distribution)
+    _assert_no_boundary_ties(scores, noise, sigma, k)
+    want = _full_by_jacobian(scores, noise, g, k, S, sigma, distribution)
+    y_diag, _ = _run("reference", scores, k, S, sigma, g, noise=noise, distribution=distribution)
+    for be in _backends_for(shape, ALL, device):
+        y, gx = _run(be, scores.to(device), k, S, sigma, g.to(device), noise=noise.to(device),
+                     distribution=distribution, gradient="full")
+        assert torch.equal(y.cpu(), y_diag), be
+        torch.testing.assert_close(gx.double().cpu(), want, rtol=1e-5, atol=1e-4, msg=be)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=str)
+def test_full_gradient_triton_shapes(shape, device):
+    if "triton" not in fused_backends(device, ("triton",)):
+        pytest.skip("triton unavailable")
+    b, d, k, S = shape
+    scores, g = randn(b, d), randn(b, k, d)
+    noise = _noise(shape, "normal")
+    want = _full_by_jacobian(scores, noise, g, k, S, 0.05, "normal")
+    _, gx = _run("triton", scores.to(device), k, S, 0.05, g.to(device), noise=noise.to(device),
+                 gradient="full")
+    torch.testing.assert_close(gx.double().cpu(), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_full_gradient_other_dtypes(dtype, device):
+    shape = (3, 49, 3, 12)
+    b, d, k, S = shape
+    backends = _backends_for(shape, ALL, device)
+    if dtype == torch.bfloat16 and device == "cpu":
+        backends = [be for be in backends if be != "triton"]  # broken in the interpreter
+    scores, g = randn(b, d, dtype=dtype, device=device), randn(b, k, d, device=device)
+    noise = _noise(shape, "normal", device)
+    _assert_no_boundary_ties(scores.cpu(), noise.cpu(), 0.05, k)
+    want = _full_by_jacobian(scores.cpu(), noise.cpu(), g.cpu(), k, S, 0.05, "normal")
+    for be in backends:
+        _, gx = _run(be, scores, k, S, 0.05, g, noise=noise, gradient="full")
+        assert gx.dtype == dtype, be
+        # the gradient is returned in the scores' dtype: bfloat16 keeps 8 significant bits
+        rtol = 8e-3 if dtype == torch.bfloat16 else 2e-3
+        torch.testing.assert_close(gx.double().cpu(), want, rtol=rtol, atol=1e-3, msg=be)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("distribution", ["normal", "gumbel"])
+def test_full_gradient_seeded(distribution, seed, device):
+    """Seeded: the backward redraws the forward's noise. Each backend equals the reference
+    wherever its selections match the reference's (a near-tie of the noise transform's
+    rounding can flip one sample, which moves that row's full gradient as a whole)."""
+    for shape in [(16, 49, 3, 100), (2, 196, 5, 16), (3, 13, 13, 5), (2, 1, 1, 3)]:
+        b, d, k, S = shape
+        scores, g = randn(b, d, device=device), randn(b, k, d, device=device)
+        want, gwant = _run("reference", scores, k, S, 0.05, g, seed=seed,
+                           distribution=distribution, gradient="full")
+        for be in _backends_for(shape, device=device):
+            y, gx = _run(be, scores, k, S, 0.05, g, seed=seed, distribution=distribution,
+                         gradient="full")
+            same = (y == want).flatten(1).all(1)
+            assert same.float().mean() >= 0.75, (be, shape)
+            torch.testing.assert_close(gx[same], gwant[same], rtol=1e-4, atol=1e-3,
+                                       msg=f"{be} {shape}")
+
+
+def test_full_gradient_seeded_cpp_is_the_injected_computation():
+    """The cpp kernel's seeded backward is its injected-noise backward on the very bits its
+    generator draws (tvr_C.perturbed_topk_noise), to float rounding."""
+    if not HAVE_EXT:
+        pytest.skip("no extension")
+    b, d, k, S = 5, 49, 3, 200
+    scores, g = randn(b, d), randn(b, k, d)
+    bits = torch.ops.tvr_C.perturbed_topk_noise(b, S, d, 77, False)
+    ys, gs = _run("cpp", scores, k, S, 0.05, g, seed=77, gradient="full")
+    yi, gi = _run("cpp", scores, k, S, 0.05, g, noise=bits, gradient="full")
+    assert torch.equal(ys, yi)
+    torch.testing.assert_close(gs, gi, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_full_gradient_is_shift_invariant_and_the_diagonal_is_not(backend):
+    """Adding a constant to every score leaves the output unchanged, so the true derivative
+    along the all-ones direction is 0. The full estimator's is a mean of zero-mean terms
+    ``c[s] * sum_e z[s, e] / sigma`` (the noise's all-ones component is independent of the
+    selection): it must lie within 5 standard errors of 0, computed from those terms on the
+    very noise the kernels draw; the diagonal estimator's is far outside."""
+    _skip_unless_runs(backend, "cpu")
+    b, d, k, S, sigma, seed = 6, 10, 3, 40000, 0.1, 3
+    # a positive output gradient keeps the diagonal sums from cancelling by chance
+    scores, g = randn(b, d, scale=0.1), randn(b, k, d).abs()
+    _, full = _run(backend, scores, k, S, sigma, g, seed=seed, gradient="full")
+    _, diag = _run(backend, scores, k, S, sigma, g, seed=seed)
+    noise = perturbed_topk_noise(b, S, d, seed, "normal")
+    _, one_hot = ref_topk_pieces(scores, k, S, sigma, noise, "normal")
+    terms = torch.einsum("bkd,bnkd->bn", g, one_hot) * noise.sum(-1) / sigma
+    se = terms.std(1) / S ** 0.5
+    assert (full.sum(1).abs() < 5 * se).all(), full.sum(1) / se
+    assert (diag.sum(1).abs() > 20 * se).all(), diag.sum(1) / se
+
+
+@pytest.mark.parametrize("distribution", ["normal", "gumbel"])
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+def test_full_gradient_cross_derivative(backend, distribution):
+    """d = 2, k = 1: the chance of picking entry 0 is F(x0 - x1) for the noise difference's
+    CDF F, so d P(0) / d x1 = -f(x0 - x1) / sigma-scaled. The diagonal estimator gives exactly
+    0 for this cross derivative; the full one estimates it."""
+    _skip_unless_runs(backend, "cpu")
+    S = 200000 if backend == "cpp" else 20000
+    sigma, delta = 0.1, 0.05
+    scores = torch.tensor([[delta, 0.0]])
+    g = torch.tensor([[[1.0, 0.0]]])  # grad of P(entry 0 chosen)
+    _, full = _run(backend, scores, 1, S, sigma, g, seed=1, distribution=distribution,
+                   gradient="full")
+    _, diag = _run(backend, scores, 1, S, sigma, g, seed=1, distribution=distribution)
+    t = torch.tensor(delta / sigma, dtype=torch.float64)
+    if distribution == "normal":   # z1 - z0 ~ N(0, 2)
+        dens = torch.exp(-t * t / 4) / (2 * torch.pi ** 0.5)
+    else:                          # z1 - z0 ~ Logistic(0, 1)
+        dens = torch.exp(-t) / (1 + torch.exp(-t)) ** 2
+    true = -float(dens) / sigma    # d P(0) / d x1; d P(0) / d x0 = +dens / sigma
+    assert diag[0, 1] == 0.0
+    tol = 0.08 * abs(true) if backend == "cpp" else 0.25 * abs(true)
+    assert abs(float(full[0, 1]) - true) < tol, (float(full[0, 1]), true)
+    assert abs(float(full[0, 0]) + true) < tol, (float(full[0, 0]), -true)
+
+
 # ---------------------------------------------------------------------- seeded noise
 
 def test_seeded_noise_cpp_matches_reference_noise():
@@ -381,11 +530,16 @@ def test_opcheck(device):
     for backend in ["", "reference", *fused_backends(device, ("cpp", "triton"))]:
         for nz, seed, dist, hard in [(None, 7, "normal", False), (noise, 0, "gumbel", False),
                                      (None, 0, "normal", True)]:
-            torch.library.opcheck(torch.ops.tvr.perturbed_topk.default,
-                                  (x, k, S, 0.1, nz, seed, dist, hard, backend))
+            for gradient in ("diagonal", "full"):
+                torch.library.opcheck(torch.ops.tvr.perturbed_topk.default,
+                                      (x, k, S, 0.1, nz, seed, dist, hard, gradient, backend))
         w = torch.randn(b, k, d, device=device)
         torch.library.opcheck(torch.ops.tvr.perturbed_topk_backward.default,
                               (randn(b, k, d, device=device), w, S, 0.1, backend))
+        for nz, dist in [(None, "normal"), (noise, "gumbel")]:
+            torch.library.opcheck(torch.ops.tvr.perturbed_topk_full_backward.default,
+                                  (randn(b, k, d, device=device), x.detach(), k, S, 0.1, nz, 5,
+                                   dist, backend))
 
 
 def test_compile_fullgraph():

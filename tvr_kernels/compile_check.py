@@ -360,20 +360,23 @@ def cases(ops: Iterable[str] | None = None) -> list[Case]:
             add("token_shift", f"{list(shape)} T={T} {n}", ts, paper)
 
         # perturbed top-K: TS2-Net/UCoFiA [192, 49] k=3 S=500; small; both distributions,
-        # each seed, injected noise, hard.
+        # each seed, injected noise, hard; both gradient estimators (the forward launches
+        # are the same specialisations for both, so only the full backward adds compiles).
         for (b, d, k, S), paper in (((192, 49, 3, 500), True), ((3, 10, 2, 8), False)):
-            for dist in ("normal", "gumbel"):
+            for dist, grad in (("normal", "diagonal"), ("gumbel", "diagonal"), ("normal", "full"),
+                               ("gumbel", "full")):
                 for seed in SEEDS:
-                    def tk_seed(b=b, d=d, k=k, S=S, dist=dist, seed=seed, dt=dt):
+                    def tk_seed(b=b, d=d, k=k, S=S, dist=dist, seed=seed, dt=dt, grad=grad):
                         _backward(tk.perturbed_topk(_rand(b, d, dtype=dt), k, S, seed=seed,
-                                                    distribution=dist))
-                    add("perturbed_topk", f"[{b},{d}] k={k} S={S} {dist} seed={seed} {n}",
+                                                    distribution=dist, gradient=grad))
+                    add("perturbed_topk", f"[{b},{d}] k={k} S={S} {dist} {grad} seed={seed} {n}",
                         tk_seed, paper)
 
-            def tk_noise(b=b, d=d, k=k, S=S, dt=dt):
-                _backward(tk.perturbed_topk(_rand(b, d, dtype=dt), k, S,
-                                            noise=torch.randn(b, S, d)))
-            add("perturbed_topk", f"[{b},{d}] k={k} S={S} noise {n}", tk_noise, paper)
+            for grad in ("diagonal", "full"):
+                def tk_noise(b=b, d=d, k=k, S=S, dt=dt, grad=grad):
+                    _backward(tk.perturbed_topk(_rand(b, d, dtype=dt), k, S,
+                                                noise=torch.randn(b, S, d), gradient=grad))
+                add("perturbed_topk", f"[{b},{d}] k={k} S={S} noise {grad} {n}", tk_noise, paper)
 
             def tk_hard(b=b, d=d, k=k, dt=dt):
                 tk.perturbed_topk(_rand(b, d, dtype=dt, grad=False), k, hard=True)

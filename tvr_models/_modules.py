@@ -112,13 +112,19 @@ class VisualTokenSelection(nn.Module):
     ``num_samples`` perturbations, as the authors, also at evaluation).
 
     ``hard=True`` uses the deterministic hard top-k; ``seed`` fixes the perturbation noise
-    (``None``: drawn from torch's generator, so ``torch.manual_seed`` governs it)."""
+    (``None``: drawn from torch's generator, so ``torch.manual_seed`` governs it);
+    ``topk_gradient`` is the estimator the score predictor trains with (``"diagonal"``, the
+    authors'; ``"full"``, the whole perturbed-optimiser Jacobian: see ``tk.perturbed_topk``)."""
 
     def __init__(self, score_predictor: nn.Module, topk: int = 3, num_samples: int = 500,
-                 sigma: float = 0.05):
+                 sigma: float = 0.05, topk_gradient: str = "diagonal"):
         super().__init__()
+        from tvr_kernels.reference.perturbed_topk import GRADIENTS
+        if topk_gradient not in GRADIENTS:
+            raise ValueError(f"topk_gradient must be one of {GRADIENTS}, got {topk_gradient!r}")
         self.score_predictor = score_predictor
         self.topk, self.num_samples, self.sigma = topk, num_samples, sigma
+        self.topk_gradient = topk_gradient
         self.hard = False
         self.seed: int | None = None
 
@@ -126,7 +132,8 @@ class VisualTokenSelection(nn.Module):
         bt, n, d = x.shape
         scores = self.score_predictor(x, num_frames, frame_mask)[:, 1:]             # [BT, N-1]
         ind = _ops.perturbed_topk(scores, self.topk, self.num_samples, self.sigma,
-                                  seed=self.seed, hard=self.hard)                   # [BT, k, N-1]
+                                  seed=self.seed, hard=self.hard,
+                                  gradient=self.topk_gradient)                      # [BT, k, N-1]
         selected = torch.einsum("bkl,bld->bkd", ind.to(x.dtype), x[:, 1:])
         out = torch.cat([x[:, :1], selected], dim=1)                                # [BT, k+1, D]
         return out.reshape(bt // num_frames, num_frames * (self.topk + 1), d)

@@ -15,6 +15,9 @@ def op(name: str):
     return getattr(tk, name)
 
 
-def perturbed_topk(scores, k, num_samples=500, sigma=0.05, *, seed=None, hard=False):
-    """``tk.perturbed_topk`` ([b, d] -> [b, k, d]); ``hard=True`` is the deterministic top-k."""
-    return op("perturbed_topk")(scores, k, num_samples, sigma, seed=seed, hard=hard)
+def perturbed_topk(scores, k, num_samples=500, sigma=0.05, *, seed=None, hard=False,
+                   gradient="diagonal"):
+    """``tk.perturbed_topk`` ([b, d] -> [b, k, d]); ``hard=True`` is the deterministic top-k,
+    ``gradient`` its estimator (``"diagonal"``: the authors'; ``"full"``)."""
+    return op("perturbed_topk")(scores, k, num_samples, sigma, seed=seed, hard=hard,
+                                gradient=gradient)

@@ -33,13 +33,16 @@ class TS2Net(RetrievalModel):
 
     Sizes: ``num_frames`` T, ``topk`` k, ``temporal_layers``/``temporal_heads`` of the
     temporal transformer (width = the backbone's joint dim D), ``max_positions`` rows of
-    ``frame_position_embeddings`` (77 in the authors' checkpoints; needs >= T*(k+1))."""
+    ``frame_position_embeddings`` (77 in the authors' checkpoints; needs >= T*(k+1)).
+    ``topk_gradient``: the token selection's gradient estimator, ``"diagonal"`` (the authors',
+    default, so checkpoints train as published) or ``"full"`` (see ``tk.perturbed_topk``)."""
 
     granularities = 1
 
     def __init__(self, backbone: CLIPBackbone, num_frames: int = 12, topk: int = 3,
                  temporal_layers: int = 4, temporal_heads: int | None = None,
-                 max_positions: int = 77, num_samples: int = 500, sigma: float = 0.05):
+                 max_positions: int = 77, num_samples: int = 500, sigma: float = 0.05,
+                 topk_gradient: str = "diagonal"):
         super().__init__()
         d = backbone.embed_dim
         if num_frames * (topk + 1) > max_positions:
@@ -50,7 +53,8 @@ class TS2Net(RetrievalModel):
         self.num_frames, self.topk = num_frames, topk
         self.frame_position_embeddings = nn.Embedding(max_positions, d)
         self.transformerClip = TemporalTransformer(d, temporal_layers, temporal_heads or max(1, d // 64))
-        self.visual_token_selector = VisualTokenSelection(ScorePredictor(d), topk, num_samples, sigma)
+        self.visual_token_selector = VisualTokenSelection(ScorePredictor(d), topk, num_samples, sigma,
+                                                          topk_gradient)
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> dict:
         """``{"sentence": [Bt, D]}`` (EOT feature, not normalised)."""

@@ -37,14 +37,15 @@ from .clip import CLIPBackbone
 
 class UCoFiA(RetrievalModel):
     """UCoFiA. Sizes as :class:`~tvr_models.ts2net.TS2Net` plus ``max_words`` L (the text
-    length the word ISA weights are sized for). ``tau`` is the ISA temperature (0.01)."""
+    length the word ISA weights are sized for). ``tau`` is the ISA temperature (0.01).
+    ``topk_gradient``: the token selection's estimator, as in TS2-Net."""
 
     granularities = 3
 
     def __init__(self, backbone: CLIPBackbone, num_frames: int = 12, max_words: int = 32,
                  topk: int = 3, temporal_layers: int = 4, temporal_heads: int | None = None,
                  max_positions: int = 77, num_samples: int = 500, sigma: float = 0.05,
-                 tau: float = 0.01, sinkhorn_iters: int = 4):
+                 tau: float = 0.01, sinkhorn_iters: int = 4, topk_gradient: str = "diagonal"):
         super().__init__()
         d = backbone.embed_dim
         if num_frames > max_positions:
@@ -55,7 +56,8 @@ class UCoFiA(RetrievalModel):
         p = num_frames * (topk + 1)
         self.frame_position_embeddings = nn.Embedding(max_positions, d)
         self.transformerClip = TemporalTransformer(d, temporal_layers, temporal_heads or max(1, d // 64))
-        self.visual_token_selector = VisualTokenSelection(UCoFiAScorePredictor(d), topk, num_samples, sigma)
+        self.visual_token_selector = VisualTokenSelection(UCoFiAScorePredictor(d), topk, num_samples, sigma,
+                                                          topk_gradient)
         eye = lambda n: nn.Parameter(torch.eye(n))  # noqa: E731  (all start at the identity)
         self.global_mat_weight, self.global_mat_weight_1 = eye(d), eye(d)
         self.local_mat_weight, self.local_mat_weight1 = eye(d), eye(d)

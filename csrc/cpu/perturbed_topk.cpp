@@ -10,6 +10,10 @@
 // tensor as small as the output. The forward has every selected z at hand, so it accumulates
 // W as it counts and returns it for autograd to save: the backward is then O(b*k*d), neither
 // stores nor regenerates any noise, and the noise is drawn exactly once.
+//
+// The full estimator's backward (perturbed_topk_full_bwd) needs every g(z) of every sample,
+// weighted by the output gradient at that sample's selection: it walks the samples again with
+// the forward's walker (SampleWalker), so forward and backward select identically.
 
 // g++ contracts a * b + c into an FMA by default in C++ (-ffp-contract=fast) wherever the
 // target has FMA (our AVX-512/AVX2 clones). That would round `scores + noise * sigma`
@@ -91,13 +95,6 @@ void generate_noise(uint64_t seed, uint32_t row, uint32_t s0, int64_t ns, int64_
   }
 }
 
-// Per-task accumulators of one row: counts[j * d + i] and W[j * d + i] (double, so the sum
-// over up to S samples adds no error of its own before the final float32 rounding).
-struct RowAcc {
-  std::vector<int32_t> counts;
-  std::vector<double> w;
-};
-
 // Strict order of the selection: larger p first, the smaller index among equal p (torch.topk
 // leaves exact ties unspecified; this makes the result independent of the visiting order).
 template <typename acc_t>
@@ -105,9 +102,9 @@ inline bool ranks_before(acc_t p, int64_t i, acc_t q, int64_t j) {
   return (p > q) | ((p == q) & (i < j));  // non-short-circuit: one branch at the caller
 }
 
-// Select the k largest of p = score + (z * sigma) over one sample, indices sorted ascending,
-// and add the sample to the accumulators. The sum rounds z * sigma to float32 first, as the
-// authors' `x[:, None, :] + noise * sigma` does (float32 noise times a Python float).
+// Select the k largest of p = score + (z * sigma) over one sample into bi, indices sorted
+// ascending. The sum rounds z * sigma to float32 first, as the authors'
+// `x[:, None, :] + noise * sigma` does (float32 noise times a Python float).
 //
 // Elements are visited in descending score order (`order`, with `sorted_sc` the scores in
 // that order). Once k are held, element t can only enter if
@@ -117,8 +114,7 @@ inline bool ranks_before(acc_t p, int64_t i, acc_t q, int64_t j) {
 // the scores this touches a handful of the d elements, and the result is exact.
 template <typename acc_t>
 inline void select_sample(const int64_t* order, const acc_t* sorted_sc, const float* z, float sigma,
-                          float zmax_sigma, int64_t d, int64_t k, bool gumbel, acc_t* bv,
-                          int64_t* bi, int32_t* counts, double* w) {
+                          float zmax_sigma, int64_t d, int64_t k, acc_t* bv, int64_t* bi) {
   int64_t n = 0;
   for (int64_t t = 0; t < d; ++t) {
     const int64_t i = order[t];
@@ -152,11 +148,6 @@ inline void select_sample(const int64_t* order, const acc_t* sorted_sc, const fl
   } else {
     std::sort(bi, bi + k);
   }
-  for (int64_t j = 0; j < k; ++j) {
-    const int64_t i = bi[j];
-    counts[j * d + i] += 1;
-    w[j * d + i] += static_cast<double>(ptopk_noise_grad(z[i], gumbel));
-  }
 }
 
 // Largest value the generated noise can take: Box-Muller's radius is at most
@@ -172,12 +163,144 @@ inline float max_of(const float* z, int64_t d) {
 }
 
 // Sample chunks per row: enough tasks for the threads when b is small, one chunk per row when
-// b is large. Depends on (b, S) only, never on the thread count, so the summation order of W
-// (hence the result) is the same on every machine and run.
+// b is large. Depends on (b, S) only, never on the thread count, so the summation order of the
+// accumulators (hence the result) is the same on every machine and run.
 int64_t chunks_per_row(int64_t b, int64_t S) {
   if (b >= 64) return 1;
   const int64_t want = (64 + b - 1) / b;
   return std::max<int64_t>(1, std::min<int64_t>(want, (S + 31) / 32));
+}
+
+// What every pass over the samples shares: the problem, and where its noise comes from.
+struct SampleSource {
+  int64_t d, k, S;
+  float sigma;
+  const float* noise;  // injected [b, S, d] noise, or null: Philox draws it
+  uint64_t seed;
+  bool gumbel, hard;
+};
+
+// One thread's walk over samples of a row: sorts the row's scores once, draws (or reads) the
+// noise a block of samples at a time, selects each sample's top k and hands the sample's
+// noise and sorted indices to `visit(z, idx)`. The forward counts with it; the full-estimator
+// backward walks the very same selections again. Scratch is O(block + d), per thread.
+template <typename acc_t>
+class SampleWalker {
+ public:
+  explicit SampleWalker(const SampleSource& src)
+      : src_(src),
+        Q_((src.d + 3) / 4),
+        work_u_(src.noise || src.hard ? 0 : 6 * kGroupsPerBlock + 6 * Q_),
+        zbuf_(src.noise ? 0 : (src.hard ? src.d : (kGroupsPerBlock + Q_) * 4), 0.0f),
+        bv_(src.k),
+        bi_(src.k),
+        order_(src.d),
+        sorted_sc_(src.d) {}
+
+  template <typename scalar_t, typename Visit>
+  void walk(const scalar_t* sc, int64_t row, int64_t s_begin, int64_t s_end, Visit&& visit) {
+    const int64_t d = src_.d;
+    for (int64_t i = 0; i < d; ++i) order_[i] = i;
+    std::stable_sort(order_.begin(), order_.end(), [&](int64_t a, int64_t b) {
+      return static_cast<acc_t>(sc[a]) > static_cast<acc_t>(sc[b]);
+    });
+    for (int64_t t = 0; t < d; ++t) sorted_sc_[t] = static_cast<acc_t>(sc[order_[t]]);
+    const float gen_zmax_sigma = (src_.gumbel ? kMaxGumbel : kMaxNormal) * src_.sigma;
+    // Samples per block: the block's noise fits the work arrays sized in the constructor.
+    const int64_t sb = std::max<int64_t>(1, kGroupsPerBlock / Q_);
+    for (int64_t s0 = s_begin; s0 < s_end; s0 += sb) {
+      const int64_t ns = std::min(sb, s_end - s0);
+      const float* zb;
+      int64_t stride;
+      if (src_.noise) {
+        zb = src_.noise + (row * src_.S + s0) * d;
+        stride = d;
+      } else if (src_.hard) {
+        zb = zbuf_.data();  // zeros, with sigma 0: p = scores
+        stride = d;
+      } else {
+        generate_noise(src_.seed, static_cast<uint32_t>(row), static_cast<uint32_t>(s0), ns, d,
+                       src_.gumbel, zbuf_.data(), work_u_.data());
+        zb = zbuf_.data();
+        stride = 4 * Q_;
+      }
+      for (int64_t sl = 0; sl < ns; ++sl) {
+        const float* z = zb + sl * stride;
+        // Injected noise has no a-priori bound: use this sample's maximum.
+        const float zmax_sigma = src_.noise ? max_of(z, d) * src_.sigma : gen_zmax_sigma;
+        select_sample<acc_t>(order_.data(), sorted_sc_.data(), z, src_.sigma, zmax_sigma, d,
+                             src_.k, bv_.data(), bi_.data());
+        visit(z, static_cast<const int64_t*>(bi_.data()));
+      }
+    }
+  }
+
+ private:
+  SampleSource src_;
+  int64_t Q_;
+  std::vector<uint32_t> work_u_;
+  std::vector<float> zbuf_;
+  std::vector<acc_t> bv_;
+  std::vector<int64_t> bi_;
+  std::vector<int64_t> order_;
+  std::vector<acc_t> sorted_sc_;
+};
+
+// Runs `task(walker, row, s_begin, s_end, acc)` for every (row, chunk of samples) in parallel,
+// each task filling its own `width` doubles, then hands each row's chunk sums, added in chunk
+// order, to `finish(row, sums)`: results do not depend on the thread count or scheduling.
+template <typename acc_t, typename Task, typename Finish>
+void for_each_row_chunk(const SampleSource& src, int64_t B, int64_t width, Task&& task,
+                        Finish&& finish) {
+  const int64_t nchunk = src.hard ? 1 : chunks_per_row(B, src.S);
+  const int64_t chunk = (src.S + nchunk - 1) / nchunk;
+  // Partial sums per (row, chunk) only when a row is split; at most 64 rows' worth.
+  std::vector<double> part(nchunk > 1 ? B * nchunk * width : 0);
+  at::parallel_for(0, B * nchunk, 1, [&](int64_t begin, int64_t end) {
+    SampleWalker<acc_t> walker(src);
+    std::vector<double> acc(width);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t row = t / nchunk, c = t % nchunk;
+      const int64_t s_begin = c * chunk, s_end = std::min(src.S, s_begin + chunk);
+      std::fill(acc.begin(), acc.end(), 0.0);
+      task(walker, row, s_begin, s_end, acc.data());
+      if (nchunk == 1) {
+        finish(row, static_cast<const double*>(acc.data()));
+      } else {
+        std::copy(acc.begin(), acc.end(), part.begin() + t * width);
+      }
+    }
+  });
+  if (nchunk > 1) {
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> sums(width);
+      for (int64_t row = begin; row < end; ++row) {
+        std::fill(sums.begin(), sums.end(), 0.0);
+        for (int64_t c = 0; c < nchunk; ++c) {
+          const double* p = part.data() + (row * nchunk + c) * width;
+          for (int64_t e = 0; e < width; ++e) sums[e] += p[e];
+        }
+        finish(row, static_cast<const double*>(sums.data()));
+      }
+    });
+  }
+}
+
+void check_sizes(int64_t B, int64_t d, int64_t k, int64_t num_samples) {
+  TORCH_CHECK(k >= 1 && k <= d, "perturbed_topk: need 1 <= k <= d");
+  TORCH_CHECK(num_samples >= 1, "perturbed_topk: num_samples must be >= 1");
+  TORCH_CHECK(num_samples < (int64_t(1) << 31) && B < (int64_t(1) << 32) && d < (int64_t(1) << 32),
+              "perturbed_topk: b, num_samples and d must fit the 32-bit Philox counter words");
+}
+
+at::Tensor checked_noise(const c10::optional<at::Tensor>& noise_in, bool hard, int64_t B,
+                         int64_t num_samples, int64_t d) {
+  if (!noise_in.has_value() || hard) return at::Tensor();
+  at::Tensor noise = noise_in->contiguous();
+  TORCH_CHECK(noise.scalar_type() == at::kFloat && noise.dim() == 3 && noise.size(0) == B &&
+                  noise.size(1) == num_samples && noise.size(2) == d,
+              "perturbed_topk: noise must be float32 [b, num_samples, d]");
+  return noise;
 }
 
 std::tuple<at::Tensor, at::Tensor> perturbed_topk_fwd_cpu(const at::Tensor& scores_in, int64_t k,
@@ -186,30 +309,16 @@ std::tuple<at::Tensor, at::Tensor> perturbed_topk_fwd_cpu(const at::Tensor& scor
                                                           int64_t seed, bool gumbel, bool hard) {
   TORCH_CHECK(scores_in.dim() == 2, "perturbed_topk: scores must be [b, d], got ", scores_in.sizes());
   const int64_t B = scores_in.size(0), d = scores_in.size(1);
-  TORCH_CHECK(k >= 1 && k <= d, "perturbed_topk: need 1 <= k <= d");
-  TORCH_CHECK(num_samples >= 1, "perturbed_topk: num_samples must be >= 1");
-  TORCH_CHECK(num_samples < (int64_t(1) << 31) && B < (int64_t(1) << 32) && d < (int64_t(1) << 32),
-              "perturbed_topk: b, num_samples and d must fit the 32-bit Philox counter words");
+  check_sizes(B, d, k, num_samples);
   const at::Tensor scores = scores_in.contiguous();
-  at::Tensor noise;
-  if (noise_in.has_value() && !hard) {
-    noise = noise_in->contiguous();
-    TORCH_CHECK(noise.scalar_type() == at::kFloat && noise.dim() == 3 && noise.size(0) == B &&
-                    noise.size(1) == num_samples && noise.size(2) == d,
-                "perturbed_topk: noise must be float32 [b, num_samples, d]");
-  }
-  const int64_t S = hard ? 1 : num_samples;
-  const float sig = hard ? 0.0f : static_cast<float>(sigma);
+  const at::Tensor noise = checked_noise(noise_in, hard, B, num_samples, d);
   at::Tensor ind = at::empty({B, k, d}, scores.options().dtype(at::kFloat));
   at::Tensor wout = at::empty({B, k, d}, scores.options().dtype(at::kFloat));
-  if (B == 0) return {ind, wout};  // an empty last batch: nothing to do (and no 64 / b below)
-  const int64_t nchunk = hard ? 1 : chunks_per_row(B, S);
-  const int64_t chunk = (S + nchunk - 1) / nchunk;
+  if (B == 0) return {ind, wout};  // an empty last batch: nothing to do
+  const SampleSource src{d, k, hard ? 1 : num_samples, hard ? 0.0f : static_cast<float>(sigma),
+                         noise.defined() ? noise.const_data_ptr<float>() : nullptr,
+                         static_cast<uint64_t>(seed), gumbel, hard};
   const int64_t kd = k * d;
-  // Partial sums per (row, chunk) only when a row is split; at most 64 rows' worth.
-  std::vector<int32_t> part_counts(nchunk > 1 ? B * nchunk * kd : 0);
-  std::vector<double> part_w(nchunk > 1 ? B * nchunk * kd : 0);
-  const float* noise_ptr = noise.defined() ? noise.const_data_ptr<float>() : nullptr;
   float* ind_ptr = ind.mutable_data_ptr<float>();
   float* w_ptr = wout.mutable_data_ptr<float>();
 
@@ -217,83 +326,84 @@ std::tuple<at::Tensor, at::Tensor> perturbed_topk_fwd_cpu(const at::Tensor& scor
     // float64 scores perturb in float64 (the authors' sum promotes), the rest in float32.
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* sc_ptr = scores.const_data_ptr<scalar_t>();
-    at::parallel_for(0, B * nchunk, 1, [&](int64_t begin, int64_t end) {
-      const int64_t Q = (d + 3) / 4;
-      const int64_t sb = std::max<int64_t>(1, std::min<int64_t>(chunk, kGroupsPerBlock / Q));
-      // Per-thread scratch, O(block): noise of sb samples with the padded stride 4Q.
-      std::vector<uint32_t> work_u(noise_ptr || hard ? 0 : 6 * sb * Q);
-      std::vector<float> zbuf(noise_ptr ? 0 : (hard ? d : sb * 4 * Q), 0.0f);
-      std::vector<acc_t> bv(k);
-      std::vector<int64_t> bi(k);
-      std::vector<int32_t> counts(kd);
-      std::vector<double> w(kd);
-      std::vector<int64_t> order(d);
-      std::vector<acc_t> sorted_sc(d);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t row = task / nchunk, c = task % nchunk;
-        const int64_t s_begin = c * chunk, s_end = std::min(S, s_begin + chunk);
-        std::fill(counts.begin(), counts.end(), 0);
-        std::fill(w.begin(), w.end(), 0.0);
-        const scalar_t* sc = sc_ptr + row * d;
-        for (int64_t i = 0; i < d; ++i) order[i] = i;
-        std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-          return static_cast<acc_t>(sc[a]) > static_cast<acc_t>(sc[b]);
-        });
-        for (int64_t t = 0; t < d; ++t) sorted_sc[t] = static_cast<acc_t>(sc[order[t]]);
-        const float gen_zmax_sigma = (gumbel ? kMaxGumbel : kMaxNormal) * sig;
-        for (int64_t s0 = s_begin; s0 < s_end; s0 += sb) {
-          const int64_t ns = std::min(sb, s_end - s0);
-          const float* zb;
-          int64_t stride;
-          if (noise_ptr) {
-            zb = noise_ptr + (row * S + s0) * d;
-            stride = d;
-          } else if (hard) {
-            zb = zbuf.data();  // zeros, with sigma 0: p = scores
-            stride = d;
-          } else {
-            generate_noise(static_cast<uint64_t>(seed), static_cast<uint32_t>(row),
-                           static_cast<uint32_t>(s0), ns, d, gumbel, zbuf.data(), work_u.data());
-            zb = zbuf.data();
-            stride = 4 * Q;
-          }
-          for (int64_t sl = 0; sl < ns; ++sl) {
-            const float* z = zb + sl * stride;
-            // Injected noise has no a-priori bound: use this sample's maximum.
-            const float zmax_sigma = noise_ptr ? max_of(z, d) * sig : gen_zmax_sigma;
-            select_sample<acc_t>(order.data(), sorted_sc.data(), z, sig, zmax_sigma, d, k, gumbel,
-                                 bv.data(), bi.data(), counts.data(), w.data());
-          }
-        }
-        if (nchunk == 1) {
+    // Per task: counts[j * d + i] in acc[0, kd) (exact in double up to 2^53 samples) and
+    // W[j * d + i] in acc[kd, 2 kd) (double, so the sum over up to S samples adds no error of
+    // its own before the final float32 rounding).
+    for_each_row_chunk<acc_t>(
+        src, B, 2 * kd,
+        [&](SampleWalker<acc_t>& walker, int64_t row, int64_t s_begin, int64_t s_end, double* acc) {
+          double* w = acc + kd;
+          walker.walk(sc_ptr + row * d, row, s_begin, s_end, [&](const float* z, const int64_t* idx) {
+            for (int64_t j = 0; j < k; ++j) {
+              const int64_t i = idx[j];
+              acc[j * d + i] += 1.0;
+              w[j * d + i] += static_cast<double>(ptopk_noise_grad(z[i], gumbel));
+            }
+          });
+        },
+        [&](int64_t row, const double* acc) {
           for (int64_t e = 0; e < kd; ++e) {
-            ind_ptr[row * kd + e] = static_cast<float>(counts[e]) / static_cast<float>(S);
-            w_ptr[row * kd + e] = hard ? 0.0f : static_cast<float>(w[e]);
+            ind_ptr[row * kd + e] = static_cast<float>(acc[e]) / static_cast<float>(src.S);
+            w_ptr[row * kd + e] = hard ? 0.0f : static_cast<float>(acc[kd + e]);
           }
-        } else {
-          std::copy(counts.begin(), counts.end(), part_counts.begin() + task * kd);
-          std::copy(w.begin(), w.end(), part_w.begin() + task * kd);
-        }
-      }
-    });
+        });
   });
-  if (nchunk > 1) {  // reduce the chunks of each row in chunk order (deterministic)
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        for (int64_t e = 0; e < kd; ++e) {
-          int64_t cnt = 0;
-          double acc = 0.0;
-          for (int64_t c = 0; c < nchunk; ++c) {
-            cnt += part_counts[(row * nchunk + c) * kd + e];
-            acc += part_w[(row * nchunk + c) * kd + e];
-          }
-          ind_ptr[row * kd + e] = static_cast<float>(cnt) / static_cast<float>(S);
-          w_ptr[row * kd + e] = static_cast<float>(acc);
-        }
-      }
-    });
-  }
   return {ind, wout};
+}
+
+// acc[i] += g(z[i]) * c over one sample (outside the dispatch macro: a pragma cannot sit in
+// a macro argument).
+void add_weighted_noise_grad(double* acc, const float* z, double c, int64_t d, bool gumbel) {
+  if (gumbel) {
+    for (int64_t i = 0; i < d; ++i) acc[i] += static_cast<double>(ptopk_noise_grad(z[i], true)) * c;
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) acc[i] += static_cast<double>(z[i]) * c;
+  }
+}
+
+// The full perturbed-optimiser estimator contracted with grad (see the ops module):
+// grad_scores[b, e] = sum_s g(z[b, s, e]) * c[b, s] / S / sigma with
+// c[b, s] = sum_j grad[b, j, idx[b, s, j]]. Walks the forward's selections again (same noise,
+// same order, same tie rule, so the same indices) instead of storing them.
+at::Tensor perturbed_topk_full_bwd_cpu(const at::Tensor& grad_in, const at::Tensor& scores_in,
+                                       int64_t k, int64_t num_samples, double sigma,
+                                       const c10::optional<at::Tensor>& noise_in, int64_t seed,
+                                       bool gumbel) {
+  TORCH_CHECK(scores_in.dim() == 2, "perturbed_topk_full_bwd: scores must be [b, d]");
+  const int64_t B = scores_in.size(0), d = scores_in.size(1);
+  check_sizes(B, d, k, num_samples);
+  TORCH_CHECK(grad_in.dim() == 3 && grad_in.size(0) == B && grad_in.size(1) == k && grad_in.size(2) == d,
+              "perturbed_topk_full_bwd: grad must be [b, k, d]");
+  const at::Tensor scores = scores_in.contiguous();
+  const at::Tensor grad = grad_in.to(at::kFloat).contiguous();
+  const at::Tensor noise = checked_noise(noise_in, false, B, num_samples, d);
+  at::Tensor out = at::empty({B, d}, scores.options().dtype(at::kFloat));
+  if (B == 0) return out;
+  const SampleSource src{d, k, num_samples, static_cast<float>(sigma),
+                         noise.defined() ? noise.const_data_ptr<float>() : nullptr,
+                         static_cast<uint64_t>(seed), gumbel, false};
+  const float* g = grad.const_data_ptr<float>();
+  float* o = out.mutable_data_ptr<float>();
+  const double scale = 1.0 / (static_cast<double>(num_samples) * sigma);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "perturbed_topk_full_bwd", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* sc_ptr = scores.const_data_ptr<scalar_t>();
+    for_each_row_chunk<acc_t>(
+        src, B, d,
+        [&](SampleWalker<acc_t>& walker, int64_t row, int64_t s_begin, int64_t s_end, double* acc) {
+          const float* gr = g + row * k * d;
+          walker.walk(sc_ptr + row * d, row, s_begin, s_end, [&](const float* z, const int64_t* idx) {
+            double c = 0.0;
+            for (int64_t j = 0; j < k; ++j) c += static_cast<double>(gr[j * d + idx[j]]);
+            add_weighted_noise_grad(acc, z, c, d, gumbel);
+          });
+        },
+        [&](int64_t row, const double* acc) {
+          for (int64_t i = 0; i < d; ++i) o[row * d + i] = static_cast<float>(acc[i] * scale);
+        });
+  });
+  return out;
 }
 
 // grad_scores[b, i] = sum_j grad[b, j, i] * (W[b, j, i] / S / sigma), the authors' order
@@ -362,6 +472,8 @@ TORCH_LIBRARY_FRAGMENT(tvr_C, m) {
   m.def("perturbed_topk_fwd(Tensor scores, int k, int num_samples, float sigma, Tensor? noise, "
         "int seed, bool gumbel, bool hard) -> (Tensor, Tensor)");
   m.def("perturbed_topk_bwd(Tensor grad, Tensor expected_grad, int num_samples, float sigma) -> Tensor");
+  m.def("perturbed_topk_full_bwd(Tensor grad, Tensor scores, int k, int num_samples, float sigma, "
+        "Tensor? noise, int seed, bool gumbel) -> Tensor");
   m.def("perturbed_topk_noise(int b, int num_samples, int d, int seed, bool gumbel) -> Tensor");
   m.def("perturbed_topk_noise_scalar(int b, int num_samples, int d, int seed, bool gumbel) -> Tensor");
 }
@@ -369,6 +481,7 @@ TORCH_LIBRARY_FRAGMENT(tvr_C, m) {
 TORCH_LIBRARY_IMPL(tvr_C, CPU, m) {
   m.impl("perturbed_topk_fwd", &perturbed_topk_fwd_cpu);
   m.impl("perturbed_topk_bwd", &perturbed_topk_bwd_cpu);
+  m.impl("perturbed_topk_full_bwd", &perturbed_topk_full_bwd_cpu);
 }
 
 // The noise hooks take no tensor, so they are registered for every dispatch key.

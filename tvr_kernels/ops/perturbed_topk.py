@@ -9,6 +9,13 @@ The forward op returns two ``[b, k, d]`` float32 tensors: the indicators and
 kernel accumulates W while it counts (it has each selected noise value at hand), so autograd
 saves W (as small as the output) and the backward op is ``einsum(grad, W / S / sigma)``:
 no noise is stored, and none has to be drawn again.
+
+That backward is the authors' estimator, the diagonal of the perturbed-optimiser Jacobian.
+``gradient="full"`` contracts the whole Jacobian instead (``tvr::perturbed_topk_full_backward``):
+it needs, per sample, the output gradient at that sample's selection and every ``g(z)``, so
+autograd saves only the scores (and the injected noise, which the caller holds anyway) and the
+backward kernel walks the samples again, redrawing the noise from the Philox key and
+re-selecting: nothing of size ``b*S*d``, ``b*S*k`` or ``b*k*d*d`` is stored.
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ from torch import Tensor
 from .. import _backend, _philox
 from ..reference.perturbed_topk import (_forward_pieces, backward_from_sum,
                                         check_perturbed_topk_args, expected_gradient_sum,
-                                        hard_topk, perturbed_topk_noise)
+                                        full_gradient, hard_topk, perturbed_topk_noise)
 from ._common import pick
 
 _SUPPORTED = ("reference", "cpp", "triton")
@@ -40,7 +47,8 @@ def _reference_forward(scores, k, num_samples, sigma, noise, seed, distribution,
 
 @torch.library.custom_op("tvr::perturbed_topk", mutates_args=())
 def _perturbed_topk(scores: Tensor, k: int, num_samples: int, sigma: float, noise: Optional[Tensor],
-                    seed: int, distribution: str, hard: bool, backend: str) -> tuple[Tensor, Tensor]:
+                    seed: int, distribution: str, hard: bool, gradient: str,
+                    backend: str) -> tuple[Tensor, Tensor]:
     impl = pick("perturbed_topk", scores, backend, _SUPPORTED)
     if impl == "reference":
         return _reference_forward(scores, k, num_samples, sigma, noise, seed, distribution, hard)
@@ -52,7 +60,7 @@ def _perturbed_topk(scores: Tensor, k: int, num_samples: int, sigma: float, nois
 
 
 @_perturbed_topk.register_fake
-def _(scores, k, num_samples, sigma, noise, seed, distribution, hard, backend):
+def _(scores, k, num_samples, sigma, noise, seed, distribution, hard, gradient, backend):
     b, d = scores.shape
     out = scores.new_empty((b, k, d), dtype=torch.float32)
     return out, torch.empty_like(out)
@@ -76,21 +84,62 @@ def _(grad, expected_grad, num_samples, sigma, backend):
     return expected_grad.new_empty((b, d))
 
 
+def _full_reference(grad, scores, k, num_samples, sigma, noise, seed, distribution):
+    if noise is None:
+        b, d = scores.shape
+        noise = perturbed_topk_noise(b, num_samples, d, seed, distribution, scores.device)
+    _, one_hot = _forward_pieces(scores, k, num_samples, sigma, noise, distribution)
+    return full_gradient(grad, one_hot, noise, num_samples, sigma, distribution).contiguous()
+
+
+@torch.library.custom_op("tvr::perturbed_topk_full_backward", mutates_args=())
+def _perturbed_topk_full_backward(grad: Tensor, scores: Tensor, k: int, num_samples: int,
+                                  sigma: float, noise: Optional[Tensor], seed: int,
+                                  distribution: str, backend: str) -> Tensor:
+    impl = pick("perturbed_topk", scores, backend, _SUPPORTED)
+    if impl == "reference":
+        return _full_reference(grad, scores, k, num_samples, sigma, noise, seed, distribution)
+    if impl == "triton":
+        from ..triton.perturbed_topk import perturbed_topk_full_bwd
+        return perturbed_topk_full_bwd(grad, scores, k, num_samples, sigma, noise, seed,
+                                       distribution == "gumbel")
+    return torch.ops.tvr_C.perturbed_topk_full_bwd(grad, scores, k, num_samples, sigma, noise, seed,
+                                                   distribution == "gumbel")
+
+
+@_perturbed_topk_full_backward.register_fake
+def _(grad, scores, k, num_samples, sigma, noise, seed, distribution, backend):
+    return scores.new_empty(scores.shape, dtype=torch.float32)
+
+
 def _setup_context(ctx, inputs, output):
-    scores, _, num_samples, sigma, _, _, _, hard, backend = inputs
+    scores, k, num_samples, sigma, noise, seed, distribution, hard, gradient, backend = inputs
     ctx.num_samples, ctx.sigma, ctx.hard, ctx.backend = num_samples, sigma, hard, backend
-    ctx.scores_dtype = scores.dtype
+    ctx.scores_dtype, ctx.full = scores.dtype, gradient == "full" and not hard
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(output[1])
+    if ctx.full:
+        # The backward re-walks the samples: it needs the scores and the noise (or its key),
+        # not W.
+        ctx.k, ctx.seed, ctx.distribution = k, seed, distribution
+        ctx.has_noise = noise is not None
+        ctx.save_for_backward(scores, noise if noise is not None else scores.new_empty(0))
+    else:
+        ctx.save_for_backward(output[1])
 
 
 def _backward(ctx, grad, _grad_w):
+    if ctx.full:
+        scores, noise = ctx.saved_tensors
+        gs = torch.ops.tvr.perturbed_topk_full_backward(
+            grad, scores, ctx.k, ctx.num_samples, ctx.sigma, noise if ctx.has_noise else None,
+            ctx.seed, ctx.distribution, ctx.backend)
+        return gs.to(ctx.scores_dtype), None, None, None, None, None, None, None, None, None
     (w,) = ctx.saved_tensors
     if ctx.hard:  # plain top-k is piecewise constant: zero gradient (reference: _HardTopK)
         gs = w.new_zeros((w.shape[0], w.shape[2]))
     else:
         gs = torch.ops.tvr.perturbed_topk_backward(grad, w, ctx.num_samples, ctx.sigma, ctx.backend)
-    return gs.to(ctx.scores_dtype), None, None, None, None, None, None, None, None
+    return gs.to(ctx.scores_dtype), None, None, None, None, None, None, None, None, None
 
 
 _perturbed_topk.register_autograd(_backward, setup_context=_setup_context)
@@ -98,7 +147,8 @@ _perturbed_topk.register_autograd(_backward, setup_context=_setup_context)
 
 def perturbed_topk(scores: Tensor, k: int, num_samples: int = 500, sigma: float = 0.05, *,
                    noise: Optional[Tensor] = None, seed: Optional[int] = None,
-                   distribution: str = "normal", hard: bool = False) -> Tensor:
+                   distribution: str = "normal", hard: bool = False,
+                   gradient: str = "diagonal") -> Tensor:
     """Differentiable top-k by random perturbation (TS2-Net's token selection), fused.
 
     For each of ``num_samples`` samples, the ``k`` largest entries of
@@ -119,10 +169,23 @@ def perturbed_topk(scores: Tensor, k: int, num_samples: int = 500, sigma: float 
         distribution: ``"normal"`` or ``"gumbel"`` (standard Gumbel noise; the estimator
             weights by ``1 - exp(-z)`` instead of ``z``).
         hard: deterministic plain top-k (no noise; gradient zero).
+        gradient: which estimator of the perturbed optimiser's Jacobian
+            ``J[b, j, i, e] = E[onehot(z)[b, j, i] * g(z[b, e])] / sigma`` (Berthet et al.
+            2020) the backward contracts with the output gradient:
+
+            * ``"diagonal"`` (default, the authors' ``einsum("bnkd,bnd->bkd")``): only the
+              ``e = i`` terms, ``grad_scores[b, i] = sum_j grad[b, j, i] *
+              sum_s onehot[b, s, j, i] * g(z[b, s, i]) / (S sigma)``. Biased: it drops every
+              cross derivative, and adding a constant to all scores (which leaves the
+              output unchanged) does not give a zero directional derivative. Keep it to
+              train checkpoints as published.
+            * ``"full"``: the whole Jacobian, ``grad_scores[b, e] = sum_s g(z[b, s, e]) *
+              c[b, s] / (S sigma)`` with ``c[b, s] = sum_j grad[b, j, idx[b, s, j]]``
+              (``idx``: sample ``s``'s chosen indices). Its backward redraws the noise and
+              re-selects (about the forward's cost) and stores nothing beyond the scores.
 
     Returns:
-        ``indicators``: float32 ``[b, k, d]``. Its backward is the perturbed-optimiser
-        estimator ``grad_scores[b, i] = sum_j grad[b, j, i] * sum_s onehot * g(z) / (S sigma)``.
+        ``indicators``: float32 ``[b, k, d]``, differentiable by the chosen estimator.
         Exact ties among perturbed scores go to the smaller index in the fused kernels
         (``torch.topk`` leaves them unspecified); NaN scores are not supported.
 
@@ -131,10 +194,11 @@ def perturbed_topk(scores: Tensor, k: int, num_samples: int = 500, sigma: float 
         ind = tk.perturbed_topk(torch.randn(192, 49), k=3, seed=0)   # [192, 3, 49]
         selected = torch.einsum("bkl,bld->bkd", ind, patch_tokens)
     """
-    check_perturbed_topk_args(scores, k, num_samples, sigma, noise, seed, distribution, hard)
+    check_perturbed_topk_args(scores, k, num_samples, sigma, noise, seed, distribution, hard,
+                              gradient)
     if noise is None and not hard and seed is None:
         seed = _philox.draw_seed()
     ind, _ = torch.ops.tvr.perturbed_topk(scores, k, num_samples, float(sigma), noise,
                                           0 if seed is None else seed, distribution, hard,
-                                          _backend.requested_backend())
+                                          gradient, _backend.requested_backend())
     return ind

@@ -4,7 +4,15 @@ The authors draw ``noise = torch.normal(0, 1, (b, S, d))``, take ``topk`` of
 ``x[:, None, :] + noise * sigma``, sort the chosen indices ascending, one-hot them into
 ``[b, S, k, d]`` and average over the samples. Their backward is the perturbed-optimiser
 estimator ``einsum("bnkd,bnd->bkd", one_hot, noise) / S / sigma`` contracted with the output
-gradient. This module does exactly that, plus:
+gradient. That estimator keeps only the diagonal ``e = i`` of the perturbed-optimiser Jacobian
+of Berthet et al. (2020), ``J[b, j, i, e] = E[onehot(z)[j, i] * g(z[e])] / sigma``; it is the
+default (``gradient="diagonal"``) so that checkpoints train as published. This module does
+exactly that, plus:
+
+* ``gradient="full"``: the whole Jacobian contracted with the output gradient,
+  ``grad_scores[b, e] = sum_s g(z[b, s, e]) * c[b, s] / (S sigma)`` with
+  ``c[b, s] = sum_j grad[b, j, idx[b, s, j]]`` (:func:`full_gradient`); adding a constant to
+  every score leaves the output unchanged, and only this estimator's rows reflect that;
 
 * ``noise=``: the noise tensor used as is (bit-compatible with the authors given their noise);
 * ``seed=``: the noise the fused kernels draw in-kernel (:func:`perturbed_topk_noise`, the
@@ -20,6 +28,7 @@ import torch
 from .. import _philox, _validate
 
 DISTRIBUTIONS = ("normal", "gumbel")
+GRADIENTS = ("diagonal", "full")
 
 # Fourth Philox counter word of this op ("TOPK"): separates its stream from other ops' streams
 # under the same seed. Must equal TVR_PTOPK_STREAM in csrc/include/tvr/perturbed_topk.h.
@@ -28,7 +37,7 @@ _INV_2_23 = 1.0 / (1 << 23)
 
 
 def check_perturbed_topk_args(scores, k, num_samples, sigma, noise=None, seed=None,
-                              distribution="normal", hard=False) -> None:
+                              distribution="normal", hard=False, gradient="diagonal") -> None:
     """Raise ``TypeError``/``ValueError`` naming the bad argument (shapes only, no data read)."""
     _validate.tensor("scores", scores, ndim=2, shape_doc="[b, d]")
     b, d = scores.shape
@@ -39,6 +48,7 @@ def check_perturbed_topk_args(scores, k, num_samples, sigma, noise=None, seed=No
     _validate.integer("num_samples", num_samples, min_value=1)
     _validate.positive_finite("sigma", sigma)
     _validate.choice("distribution", distribution, DISTRIBUTIONS)
+    _validate.choice("gradient", gradient, GRADIENTS)
     _validate.seed("seed", seed)
     if not isinstance(hard, bool):
         raise TypeError(f"hard must be a bool, got {type(hard).__name__}")
@@ -124,21 +134,45 @@ def backward_from_sum(grad: torch.Tensor, w: torch.Tensor, num_samples: int, sig
     return torch.einsum("bkd,bkd->bd", grad.float(), w / num_samples / sigma)
 
 
+def full_gradient(grad: torch.Tensor, one_hot: torch.Tensor, noise: torch.Tensor,
+                  num_samples: int, sigma: float, distribution: str) -> torch.Tensor:
+    """The full perturbed-optimiser estimator contracted with ``grad`` ``[b, k, d]``:
+    ``grad_scores[b, e] = sum_s g(noise[b, s, e]) * c[b, s] / S / sigma``, where
+    ``c[b, s] = sum_{j, i} grad[b, j, i] * one_hot[b, s, j, i]`` is the output gradient at
+    sample ``s``'s selection. ``one_hot`` ``[b, S, k, d]``, ``noise`` ``[b, S, d]`` ->
+    float32 ``[b, d]``; nothing of size ``b*k*d*d`` is formed."""
+    c = torch.einsum("bkd,bnkd->bn", grad.float(), one_hot)
+    return torch.einsum("bn,bnd->bd", c, noise_gradient(noise, distribution)) / num_samples / sigma
+
+
+def full_jacobian(one_hot: torch.Tensor, noise: torch.Tensor, num_samples: int, sigma: float,
+                  distribution: str) -> torch.Tensor:
+    """The whole estimated Jacobian ``J[b, j, i, e] = sum_s one_hot[b, s, j, i] *
+    g(noise[b, s, e]) / S / sigma`` (Berthet et al. 2020, ``"bnkd,bne->bkde"``): float32
+    ``[b, k, d, d]``. Eager and ``O(b*k*d*d)``: for tests of :func:`full_gradient` only."""
+    return torch.einsum("bnkd,bne->bkde", one_hot, noise_gradient(noise, distribution)) / num_samples / sigma
+
+
 class _PerturbedTopK(torch.autograd.Function):
     """The authors' autograd function, with the noise passed in (drawn by the caller)."""
 
     @staticmethod
-    def forward(ctx, scores, k, num_samples, sigma, noise, distribution):
+    def forward(ctx, scores, k, num_samples, sigma, noise, distribution, gradient):
         indicators, one_hot = _forward_pieces(scores, k, num_samples, sigma, noise, distribution)
         ctx.save_for_backward(one_hot, noise)
         ctx.num_samples, ctx.sigma, ctx.distribution = num_samples, sigma, distribution
+        ctx.gradient, ctx.scores_dtype = gradient, scores.dtype
         return indicators
 
     @staticmethod
     def backward(ctx, grad):
         one_hot, noise = ctx.saved_tensors
-        w = expected_gradient_sum(one_hot, noise, ctx.distribution)
-        return backward_from_sum(grad, w, ctx.num_samples, ctx.sigma), None, None, None, None, None
+        if ctx.gradient == "full":
+            gs = full_gradient(grad, one_hot, noise, ctx.num_samples, ctx.sigma, ctx.distribution)
+        else:
+            w = expected_gradient_sum(one_hot, noise, ctx.distribution)
+            gs = backward_from_sum(grad, w, ctx.num_samples, ctx.sigma)
+        return gs.to(ctx.scores_dtype), None, None, None, None, None, None
 
 
 class _HardTopK(torch.autograd.Function):
@@ -157,7 +191,8 @@ class _HardTopK(torch.autograd.Function):
 
 def perturbed_topk(scores: torch.Tensor, k: int, num_samples: int = 500, sigma: float = 0.05, *,
                    noise: torch.Tensor | None = None, seed: int | None = None,
-                   distribution: str = "normal", hard: bool = False) -> torch.Tensor:
+                   distribution: str = "normal", hard: bool = False,
+                   gradient: str = "diagonal") -> torch.Tensor:
     """Differentiable top-k by random perturbation (Berthet et al. 2020), as in TS2-Net.
 
     Args:
@@ -171,12 +206,16 @@ def perturbed_topk(scores: torch.Tensor, k: int, num_samples: int = 500, sigma: 
             draws one from torch's default generator. Ignored when ``noise`` is given.
         distribution: ``"normal"`` (the authors') or ``"gumbel"`` (standard Gumbel noise).
         hard: deterministic plain top-k instead (no noise, zero gradient).
+        gradient: ``"diagonal"`` (the authors' backward: only the ``e = i`` terms of the
+            perturbed-optimiser Jacobian) or ``"full"`` (the whole Jacobian,
+            :func:`full_gradient`).
 
     Returns:
         ``indicators``: float32 ``[b, k, d]``; row ``j`` of sample ``s`` is the one-hot of the
         ``j``-th smallest chosen index; averaged over samples, so entries are ``count / S``.
     """
-    check_perturbed_topk_args(scores, k, num_samples, sigma, noise, seed, distribution, hard)
+    check_perturbed_topk_args(scores, k, num_samples, sigma, noise, seed, distribution, hard,
+                              gradient)
     if hard:
         return _HardTopK.apply(scores, k)
     if noise is None:
@@ -184,4 +223,4 @@ def perturbed_topk(scores: torch.Tensor, k: int, num_samples: int = 500, sigma: 
             seed = _philox.draw_seed()
         b, d = scores.shape
         noise = perturbed_topk_noise(b, num_samples, d, seed, distribution, scores.device)
-    return _PerturbedTopK.apply(scores, k, num_samples, sigma, noise, distribution)
+    return _PerturbedTopK.apply(scores, k, num_samples, sigma, noise, distribution, gradient)
