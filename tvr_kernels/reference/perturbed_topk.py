@@ -2,11 +2,11 @@
 
 The authors draw ``noise = torch.normal(0, 1, (b, S, d))``, take ``topk`` of
 ``x[:, None, :] + noise * sigma``, sort the chosen indices ascending, one-hot them into
-``[b, S, k, d]`` and average over the samples. Their backward is the perturbed-optimiser
-estimator ``einsum("bnkd,bnd->bkd", one_hot, noise) / S / sigma`` contracted with the output
-gradient. That estimator keeps only the diagonal ``e = i`` of the perturbed-optimiser Jacobian
-of Berthet et al. (2020), ``J[b, j, i, e] = E[onehot(z)[j, i] * g(z[e])] / sigma``; it is the
-default (``gradient="diagonal"``) so that checkpoints train as published. This module does
+``[b, S, k, d]`` and average over the samples. Their backward contracts the output gradient
+with ``einsum("bnkd,bnd->bkd", one_hot, noise) / S / sigma``: only the diagonal ``e = i`` of
+the perturbed-optimiser Jacobian of Berthet et al. (2020),
+``J[b, j, i, e] = E[onehot(z)[j, i] * g(z[e])] / sigma``, every cross derivative dropped. It
+is the default (``gradient="diagonal"``) so that checkpoints train as published. This module does
 exactly that, plus:
 
 * ``gradient="full"``: the whole Jacobian contracted with the output gradient,
