@@ -205,6 +205,9 @@ def main(argv=None) -> int:
     ap.add_argument("--annotations", help="MSR-VTT CSV, video_id,caption CSV, or JSON")
     ap.add_argument("--videos", help="folder of videos named <video_id>.<ext>")
     ap.add_argument("--checkpoint", help="the authors' released state dict (TS2-Net / UCoFiA)")
+    ap.add_argument("--keep-pretrained-shifted-attention", action="store_true",
+                    help="reproduce the authors' evaluated UCoFiA: the shifted layers keep the "
+                         "backbone's attention, not the checkpoint's (their loader's omission)")
     ap.add_argument("--bank", help="UCoFiA: annotation file whose captions form the Sinkhorn text bank")
     ap.add_argument("--frames", type=int, default=12)
     ap.add_argument("--max-words", type=int, default=32)
@@ -232,7 +235,8 @@ def main(argv=None) -> int:
         backbone = CLIPBackbone.from_pretrained(args.clip)
     model = build_model(args.model, backbone, args.frames, args.max_words)
     if args.checkpoint:
-        rep = load_official_checkpoint(model, torch.load(args.checkpoint, map_location="cpu"))
+        rep = load_official_checkpoint(model, torch.load(args.checkpoint, map_location="cpu"),
+                                       keep_pretrained_shifted_attention=args.keep_pretrained_shifted_attention)
         print(rep.summary(), file=sys.stderr)
     model.set_selection(hard=args.hard_topk, seed=args.seed)
     tok = ClipTokenizer.from_pretrained(args.clip, max_length=args.max_words)
