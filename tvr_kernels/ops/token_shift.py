@@ -86,6 +86,6 @@ def token_shift(x: Tensor, num_frames: int, fold_div: int = 7, offset: int = 3) 
         y = tk.token_shift(torch.randn(16 * 12, 50, 768), num_frames=12)
     """
     check_token_shift_args(x, num_frames, fold_div, offset)
-    x3 = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() == 4 else x
+    x3 = x.flatten(0, 1) if x.dim() == 4 else x  # not reshape(-1, N, C): ambiguous at C = 0
     y = torch.ops.tvr.token_shift(x3, num_frames, fold_div, offset, _backend.requested_backend())
     return y.reshape(x.shape)

@@ -260,6 +260,9 @@ def stochastic_text_embedding(text, frames, radius_weight, radius_bias, best, pa
     if tuple(best.shape) != (Nt, Nv):
         raise ValueError(f"best must be [Nt, Nv] = {(Nt, Nv)}, got {tuple(best.shape)}")
     M = int(noise.shape[2]) if isinstance(noise, torch.Tensor) and noise.dim() == 4 else 1
+    if M == 0:  # M comes from noise here: say so, not "num_samples must be >= 1"
+        raise ValueError(f"noise is [Nt, Nv, M, D] = {tuple(noise.shape)} with M = 0: it must "
+                         "hold at least one sample")
     # pooled is not needed here: a broadcast stand-in of the right shape passes its checks.
     stand_in = text.new_empty(()).expand(Nv, Nt, D)
     check_stochastic_max_similarity_args(text, frames, stand_in, radius_weight, radius_bias,
