@@ -8,6 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import tvr_kernels as tk
 from tvr_kernels import _backend
+from tvr_kernels.reference import stochastic_max_similarity as ref_smsim
 
 from conftest import fused_backends
 from helpers import close
@@ -243,3 +244,42 @@ def test_size_zero(name, dim):
                 close(got, want, msg=f"{backend} against {BACKENDS[0]}")
             else:
                 assert torch.equal(got, want), backend
+
+
+# ------------------------------------------------------------------------------ NaN in T-MASS
+def _nan_pairs_inputs(source):
+    """Inputs whose pairs of text 1 (all-zero row: 0/0 cosines), text 2 (a NaN) and pair
+    (0, 1) (a NaN in pooled) are NaN in every sample; with injected noise, pair (0, 2) is NaN
+    in samples 2 and 4 only and pair (3, 0) in sample 0 only."""
+    text, frames, pooled, w, b = _tmass_inputs_of(dict(Nt=4, Nv=3, T=2, D=5))
+    text[1] = 0.0
+    text[2, 3] = float("nan")
+    pooled[1, 0, 2] = float("nan")
+    kw = dict(seed=3)
+    if source == "noise":
+        noise = torch.rand(4, 3, 5, 5)
+        noise[0, 2, 2, 1] = noise[0, 2, 4, 0] = noise[3, 0, 0, 4] = float("nan")
+        kw = dict(noise=noise)
+    return (text, frames, pooled, w, b), kw
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # interpreter 0/0
+@pytest.mark.parametrize("source", ["seed", "noise"])
+def test_stochastic_max_similarity_nan_rows_agree(source):
+    """A NaN or all-zero row scores NaN on every backend, with torch.max's index (the first
+    NaN sample): Triton used to give -inf and best = 0, ranking a bad row silently last."""
+    inputs, kw = _nan_pairs_inputs(source)
+    s_ref, b_ref = ref_smsim(*inputs, 5, **kw)
+    nan = torch.zeros(4, 3, dtype=torch.bool)
+    nan[1] = nan[2] = True
+    nan[0, 1] = True
+    if source == "noise":
+        nan[0, 2] = nan[3, 0] = True
+        assert b_ref[0, 2] == 2 and b_ref[3, 0] == 0
+    assert torch.equal(s_ref.isnan(), nan)
+    assert torch.equal(b_ref[1], torch.zeros(3, dtype=torch.int64))
+    for backend in BACKENDS:
+        with tk.use_backend(backend):
+            s, b = tk.stochastic_max_similarity(*inputs, 5, **kw)
+        torch.testing.assert_close(s, s_ref, equal_nan=True, msg=backend)
+        assert torch.equal(b, b_ref), backend

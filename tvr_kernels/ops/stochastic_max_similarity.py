@@ -135,7 +135,9 @@ def stochastic_max_similarity(text: Tensor, frames: Tensor, pooled: Tensor, radi
 
     Returns:
         ``(sims, best)``: ``[Nt, Nv]`` in ``text``'s dtype, and ``[Nt, Nv]`` int64, the first
-        sample reaching the max. ``sims`` is differentiable (through the selected sample) with
+        sample reaching the max. NaN propagates as in ``torch.max``, on every backend: a pair
+        with a NaN sample cosine (a NaN or all-zero row of ``text``, ``frames`` or ``pooled``)
+        scores NaN and ``best`` is its first NaN sample. ``sims`` is differentiable (through the selected sample) with
         respect to ``text``, ``frames``, ``pooled``, ``radius_weight`` and ``radius_bias``.
 
     Example::

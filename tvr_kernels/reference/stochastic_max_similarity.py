@@ -173,7 +173,8 @@ def stochastic_max_similarity(text, frames, pooled, radius_weight, radius_bias, 
             gallery in chunks draws exactly the noise of one call over everything.
 
     Returns:
-        ``(sims, best)``: ``[Nt, Nv]`` in the input dtype and ``[Nt, Nv]`` int64 (first argmax).
+        ``(sims, best)``: ``[Nt, Nv]`` in the input dtype and ``[Nt, Nv]`` int64 (first argmax;
+        NaN and the first NaN sample where a sample's cosine is NaN, as ``torch.max``).
     """
     check_stochastic_max_similarity_args(text, frames, pooled, radius_weight, radius_bias,
                                          num_samples, prior, std, seed, noise, pair_offset)
