@@ -130,8 +130,9 @@ def stochastic_max_similarity(text: Tensor, frames: Tensor, pooled: Tensor, radi
         noise: optional ``[Nt, Nv, M, D]`` prior samples used as is (small tests only).
         pair_offset: ``(i0, j0)``, global index of this call's first text and first video. The
             noise of local pair ``(i, j)`` is keyed by ``(i0 + i, j0 + j)``, so scoring a
-            gallery chunk by chunk (each chunk with its offsets) gives exactly the entries of
-            one call over everything.
+            gallery chunk by chunk (each chunk with its offsets) gives the entries of one call
+            over everything bit for bit, on every backend: each entry is computed from its own
+            pair alone (the reference too: it uses no matmul across the batch).
 
     Returns:
         ``(sims, best)``: ``[Nt, Nv]`` in ``text``'s dtype, and ``[Nt, Nv]`` int64, the first
