@@ -286,3 +286,31 @@ def test_stochastic_max_similarity_nan_rows_agree(source):
             s, b = tk.stochastic_max_similarity(*inputs, 5, **kw)
         torch.testing.assert_close(s, s_ref, equal_nan=True, msg=backend)
         assert torch.equal(b, b_ref), backend
+
+
+# ------------------------------------------------------------------------------ double backward
+# token_shift is differentiable to any order (tests/test_token_shift.py); the other ops have
+# first-order gradients only and say so when differentiated twice.
+DOUBLE_BACKWARD = {
+    "isa": (lambda x, w: tk.isa(x, w), lambda: [_r(3, 4), _r(4, 4)]),
+    "bi_isa": (lambda *xs: tk.bi_isa(*xs),
+               lambda: [_r(2, 3, 5), _r(2, 4, 5), _r(3, 3), _r(4, 4), _r(3, 3), _r(4, 4)]),
+    "stochastic_max_similarity": (lambda *xs: tk.stochastic_max_similarity(*xs, 3, seed=0)[0],
+                                  lambda: _tmass_inputs_of(dict(Nt=2, Nv=2, T=2, D=5))),
+}
+
+
+@pytest.mark.parametrize("name", DOUBLE_BACKWARD)
+def test_double_backward_says_unsupported(name):
+    fn, make = DOUBLE_BACKWARD[name]
+    inputs = make()
+    for backend in BACKENDS:
+        xs = [x.clone().requires_grad_(True) for x in inputs]
+        with tk.use_backend(backend):
+            y = fn(*xs)
+            # y * y: the output gradient depends on the inputs, so every op's backward is
+            # differentiated (not only those whose gradient depends on the inputs directly)
+            grads = torch.autograd.grad((y * y).sum(), xs, create_graph=True)
+            with pytest.raises(NotImplementedError,
+                               match=f"tvr::{name}: double backward is not supported"):
+                torch.autograd.grad(sum((g * g).sum() for g in grads), xs, allow_unused=True)

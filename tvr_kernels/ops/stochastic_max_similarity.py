@@ -18,7 +18,7 @@ from ..reference.stochastic_max_similarity import check_stochastic_max_similarit
 from ..reference.stochastic_max_similarity import selected_similarity as _ref_selected
 from ..reference.stochastic_max_similarity import stochastic_max_similarity as _reference
 from ..reference.stochastic_max_similarity import stochastic_text_embedding as _ref_embedding
-from ._common import pick, reference_vjp
+from ._common import first_order_only, pick, reference_vjp
 
 _SUPPORTED = ("reference", "cpp", "triton")
 
@@ -98,6 +98,7 @@ def _backward(ctx, grad_sims, grad_best):
 
 
 _smsim.register_autograd(_backward, setup_context=_setup_context)
+first_order_only(_smsim_backward, "stochastic_max_similarity")
 
 
 def stochastic_max_similarity(text: Tensor, frames: Tensor, pooled: Tensor, radius_weight: Tensor,
