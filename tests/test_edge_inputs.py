@@ -297,6 +297,8 @@ DOUBLE_BACKWARD = {
                lambda: [_r(2, 3, 5), _r(2, 4, 5), _r(3, 3), _r(4, 4), _r(3, 3), _r(4, 4)]),
     "stochastic_max_similarity": (lambda *xs: tk.stochastic_max_similarity(*xs, 3, seed=0)[0],
                                   lambda: _tmass_inputs_of(dict(Nt=2, Nv=2, T=2, D=5))),
+    "perturbed_topk": (lambda x: tk.perturbed_topk(x, 2, 8, seed=0), lambda: [_r(3, 6)]),
+    "sinkhorn_knopp": (lambda x: tk.sinkhorn_knopp(x, 3)[1], lambda: [_r(3, 4)]),
 }
 
 
