@@ -63,8 +63,9 @@ def test_stochastic_max_similarity_rejects_empty_embedding():
 # Every op, every backend: each dimension set to 0 in turn either works (result of the right
 # empty shape, a backward giving gradients of the inputs' shapes, the same values on every
 # backend) or raises a ValueError naming the argument, before any tvr op runs. Empty batches
-# work (an evaluation's last chunk can be empty); an empty reduced axis, an empty embedding or
-# k, S, M, T = 0 has no meaningful result and is an error.
+# work (an evaluation's last chunk can be empty); an empty reduced axis (ISA's n, Bi-ISA's L
+# and P, Sinkhorn's whole matrix), an empty cosine (T-MASS's D), or k, num_samples or
+# num_frames = 0 has no meaningful result and is an error.
 
 BACKENDS = ["reference", *fused_backends("cpu", ("cpp", "triton"))]
 
