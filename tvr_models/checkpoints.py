@@ -78,11 +78,38 @@ def map_official_names(state_dict: dict) -> tuple[dict, list[str], list[str]]:
     return mapped, ignored, bad_clip
 
 
+# Keys only one model family has (ours or the authors' names), to name the model a state dict
+# was saved from when it is given to another. UCoFiA comes before TS2-Net: it has TS2-Net's too.
+MODEL_SIGNATURES = (
+    ("UCoFiA", ("global_mat_weight", "word_mat_weight", "pixel_mat_weight", "frame_logit_weight")),
+    ("TS2-Net", ("visual_token_selector.", "transformerClip.", "frame_position_embeddings.")),
+    ("T-MASS", ("pool_frames.", "stochastic.")),
+    ("TokenBinder", ("query_indicators", "focused.")),
+)
+
+
+def identify_model(state_dict: dict) -> str | None:
+    """The model family whose characteristic keys ``state_dict`` has (``"TS2-Net"``,
+    ``"UCoFiA"``, ``"T-MASS"``, ``"TokenBinder"``), or ``None``; ``module.`` prefixes ignored."""
+    keys = [k[len("module."):] if k.startswith("module.") else k for k in state_dict]
+    for name, prefixes in MODEL_SIGNATURES:
+        if any(k.startswith(prefixes) for k in keys):
+            return name
+    return None
+
+
 def load_official_checkpoint(model: nn.Module, state_dict: dict, strict: bool = False) -> LoadReport:
     """Copy an authors' state dict into ``model`` (a TS2Net or UCoFiA).
 
     Raises ``ValueError`` listing every shape mismatch (nothing is copied then); with
-    ``strict=True`` also on missing or unexpected keys. Returns a :class:`LoadReport`."""
+    ``strict=True`` also on missing or unexpected keys. Returns a :class:`LoadReport`.
+    A model without released weights (``official_checkpoint = False``: TokenBinder) raises
+    ``ValueError`` naming the model the state dict belongs to."""
+    if not getattr(model, "official_checkpoint", True):
+        found = identify_model(state_dict)
+        raise ValueError(f"{type(model).__name__} has no official checkpoint"
+                         + (f" and this state dict is a {found}'s" if found else "")
+                         + f"; load weights saved from this implementation with model.load_state_dict")
     mapped, ignored, unexpected = map_official_names(state_dict)
     own = model.state_dict()
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
