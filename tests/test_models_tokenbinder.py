@@ -281,3 +281,29 @@ def test_demo_cli(capsys):
     assert E.main(["--demo", "--model", "tokenbinder"]) == 0
     out = capsys.readouterr().out
     assert "texts 8  videos 8" in out and "R@1" in out and "skipped 1" in out
+
+
+def test_focused_attention_equals_multihead_attention():
+    """The reordered products of FocusedView.attend are nn.MultiheadAttention's function."""
+    torch.manual_seed(0)
+    view = _tiny().focused
+    with torch.no_grad():
+        view.attn.in_proj_bias.normal_()          # nonzero biases, so their handling is checked
+        q, kv = torch.randn(5, 3, 32), torch.randn(5, 12, 32)
+        ignore = torch.zeros(5, 12, dtype=torch.bool)
+        ignore[1, 6:] = True
+        want = view.attn(q, kv, kv, key_padding_mask=ignore, need_weights=False)[0]
+        torch.testing.assert_close(view.attend(q, kv, ignore), want, rtol=1e-5, atol=1e-5)
+
+
+def test_benchmark_stages_run_at_small_sizes():
+    import pathlib
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from benchmarks import bench_tokenbinder_eval as b
+    inputs = b._inputs(12, 40)("cpu")
+    full, broad, every = b._two_stage(**inputs), b._stage1_only(**inputs), b._all_pairs(**inputs)
+    assert full.shape == broad.shape == every.shape == (12, 40)
+    changed = (full != broad).sum(1)
+    assert (changed <= b.K).all() and changed.sum() > 0             # stage 2 touches top-K only
+    assert ((every != broad).sum(1) > b.K).all()                      # all pairs touch every video

@@ -90,14 +90,33 @@ class FocusedView(nn.Module):
         nn.init.zeros_(self.delta[2].weight)
         nn.init.zeros_(self.delta[2].bias)
 
+    def attend(self, q: Tensor, kv: Tensor, ignore: Tensor) -> Tensor:
+        """``self.attn(q, kv, kv, key_padding_mask=ignore)`` ([B, Q, D] over [B, J, D]) in
+        another order of the same products: each head's query is taken into the key space
+        (``W_k^T q``) and the values are mixed before ``W_v``. With Q = M-1 queries and J = K*T
+        keys per text that costs ``Q * heads * J * D`` against the ``2 * J * D^2`` of projecting
+        every key and value: 20x fewer multiply-adds at D = 512, K*T = 120. ``b_k`` moves every
+        logit of a query by the same amount and the weights sum to one, so the biases need no
+        keys either."""
+        a = self.attn
+        h, d = a.num_heads, q.shape[-1]
+        wq, wk, wv = a.in_proj_weight.chunk(3)
+        bq, _, bv = a.in_proj_bias.chunk(3)
+        qh = F.linear(q, wq, bq).unflatten(-1, (h, d // h)) * (d // h) ** -0.5     # [B, Q, H, dh]
+        qk = torch.einsum("bqhe,hed->bqhd", qh, wk.view(h, d // h, d))             # [B, Q, H, D]
+        logits = torch.einsum("bqhd,bjd->bqhj", qk, kv)
+        logits = logits.masked_fill(ignore[:, None, None, :], float("-inf"))
+        mixed = torch.einsum("bqhj,bjd->bqhd", logits.softmax(dim=-1), kv)         # [B, Q, H, D]
+        out = torch.einsum("bqhd,hed->bqhe", mixed, wv.view(h, d // h, d)) + bv.view(h, d // h)
+        return a.out_proj(out.flatten(2))
+
     def forward(self, queries: Tensor, candidates: Tensor, candidate_mask: Tensor) -> Tensor:
         b, k, t, d = candidates.shape
         kv = self.ln_kv(candidates + self.slot_embedding[:k, None, :]).reshape(b, k * t, d)
         ignore = candidate_mask.reshape(b, k * t) == 0
         # a query whose every key is masked would get NaN from the softmax; let it see them all
         ignore = ignore & ~ignore.all(-1, keepdim=True)
-        x = queries + self.attn(self.ln_q(queries), kv, kv, key_padding_mask=ignore,
-                                need_weights=False)[0]
+        x = queries + self.attend(self.ln_q(queries), kv, ignore)
         x = x + self.mlp(self.ln_mlp(x))
         return self.delta(x.flatten(1))[:, :k]
 
