@@ -307,3 +307,33 @@ def test_benchmark_stages_run_at_small_sizes():
     changed = (full != broad).sum(1)
     assert (changed <= b.K).all() and changed.sum() > 0             # stage 2 touches top-K only
     assert ((every != broad).sum(1) > b.K).all()                      # all pairs touch every video
+
+
+def test_cli_checkpoint(tmp_path, monkeypatch):
+    """``--model tokenbinder --checkpoint``: another model's state dict is refused by name,
+    a TokenBinder's loads (the run then stops at the tokenizer, which this test replaces)."""
+    from tvr_models.clip import CLIPBackbone
+    from tvr_models.tokenizer import ClipTokenizer
+    from tvr_models.ts2net import TINY_CLIP
+
+    def backbone(path, **kw):
+        torch.manual_seed(0)
+        return CLIPBackbone.from_config(**{**TINY_CLIP, "vocab_size": VOCAB})
+
+    class Stop(Exception):
+        pass
+
+    def tokenizer(path, **kw):
+        raise Stop
+
+    monkeypatch.setattr(CLIPBackbone, "from_pretrained", staticmethod(backbone))
+    monkeypatch.setattr(ClipTokenizer, "from_pretrained", staticmethod(tokenizer))
+    args = ["--model", "tokenbinder", "--clip", "clip", "--annotations", "a.csv", "--videos", "v",
+            "--frames", str(T), "--checkpoint"]
+    torch.save(tiny_ts2net(num_frames=T, vocab_size=VOCAB).state_dict(), tmp_path / "ts2net.pt")
+    with pytest.raises(ValueError, match="state_dict is a TS2-Net state dict"):
+        E.main(args + [str(tmp_path / "ts2net.pt")])
+    own = E.build_model("tokenbinder", backbone(None), T, L)
+    torch.save(own.state_dict(), tmp_path / "tokenbinder.pt")
+    with pytest.raises(Stop):
+        E.main(args + [str(tmp_path / "tokenbinder.pt")])
