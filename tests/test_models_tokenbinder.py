@@ -266,7 +266,8 @@ def test_state_dicts_of_other_models_are_refused():
         model.load_state_dict(ts2, strict=False)
     with pytest.raises(ValueError, match="state_dict is a UCoFiA state dict"):
         model.load_state_dict(tiny_ucofia(num_frames=T, vocab_size=VOCAB).state_dict())
-    with pytest.raises(ValueError, match="TokenBinder has no official checkpoint and this state dict is a TS2-Net's"):
+    with pytest.raises(ValueError, match="TokenBinder has no official checkpoint and this state dict "
+                                         "is a TS2-Net's"):
         load_official_checkpoint(model, ts2)
     other = TokenBinder(model.clip, num_frames=T, num_candidates=5, focus_heads=2).state_dict()
     with pytest.raises(ValueError, match=r"other sizes:(.|\n)*focused.slot_embedding.*num_candidates"):
