@@ -15,16 +15,19 @@ and a top-K per text) grows with ``Nv``. Providers per case:
 
 ``tokenbinder_eval_all_pairs`` compares with the eager alternative, the focused view on every
 (text, video) pair (the gallery cut into groups of K videos scored together: ``Nt * Nv``
-fusions, ``Nv / K`` = 100x stage 2's at Nv = 1000). At 1000 x 1000 that is minutes per call
-on a small CPU (about 5 min measured single-threaded, extrapolated from 50 texts: 15.3 s),
-too slow for the default suite, so the case uses 20 texts; its cost is linear in Nt.
-Default-suite runtime of this module: about a minute on 2 cores.
+fusions, ``Nv / K`` = 100x stage 2's at Nv = 1000). At 1000 x 1000 that takes minutes per
+call on a small CPU, too slow for the default suite, so the case scores one chunk of 128
+texts (the per-call shapes of stage 2); the full 1000 texts cost 7.8x that.
+Default-suite runtime of this module: about 1.5 minutes on 2 cores.
 ``TVR_BENCH_TB_NT`` overrides Nt of the two main cases (e.g. 200 for a quick look).
 
-Measured (AMD EPYC, 2 shared cores, one thread: the other core was busy; 2026-11-30):
-1000 x 1000: 1.46 s (stage 1 alone 0.075 s); 1000 x 10000: 2.29 s (stage 1 alone 0.72 s):
-10x the gallery, 1.6x the time, stage 2 1.39 s and 1.58 s. All pairs at 50 x 1000: 15.3 s
-against the two-stage 0.118 s.
+Measured (AMD EPYC, 2 shared cores, ``OMP_NUM_THREADS=1``: the other core was busy with other
+jobs, and two threads on a loaded pair of cores timed 2-10x slower and erratic; 2026-11-30,
+two runs): 1000 x 1000: 1.46 / 1.52 s (stage 1 alone 0.075 / 0.060 s); 1000 x 10000:
+2.29 / 2.28 s (stage 1 alone 0.72 / 0.41 s): 10x the gallery, 1.5x the time. Stage 2 is
+1.4-1.5 s at 1000 videos and 1.6-1.9 s at 10000: the same 10000 fusions, with the candidates
+gathered from a 245 MB gallery instead of 25 MB. All pairs, 128 x 1000: 29.0 s against the
+two-stage 0.225 s (129x), so about 3.8 min at 1000 x 1000 against 1.5 s.
 """
 import functools
 import os
@@ -34,8 +37,8 @@ import torch
 from benchmarks.common import Case
 
 NT = int(os.environ.get("TVR_BENCH_TB_NT", "1000"))
-NT_ALL_PAIRS = 20
 D, T, M, K, CHUNK = 512, 12, 4, 10, 128
+NT_ALL_PAIRS = CHUNK   # one full chunk of texts: the same per-call shapes as stage 2
 
 
 @functools.lru_cache(maxsize=None)
