@@ -18,6 +18,17 @@ T, L, K = 4, 32, 3
 VOCAB = 512            # a small vocabulary keeps the optimiser step on the token embedding cheap
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # At these tiny sizes intra-op threads only add synchronisation; on a machine whose cores
+    # are busy with other work, each parallel region then waits for a descheduled thread and
+    # this file ran 2.5 s -> 57 s (training test) with two threads.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _texts(n, seed=0, max_len=12):
     g = torch.Generator().manual_seed(seed)
     ids = torch.zeros(n, L, dtype=torch.long)
