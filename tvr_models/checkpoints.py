@@ -109,7 +109,7 @@ def load_official_checkpoint(model: nn.Module, state_dict: dict, strict: bool = 
         found = identify_model(state_dict)
         raise ValueError(f"{type(model).__name__} has no official checkpoint"
                          + (f" and this state dict is a {found}'s" if found else "")
-                         + f"; load weights saved from this implementation with model.load_state_dict")
+                         + "; load weights saved from this implementation with model.load_state_dict")
     mapped, ignored, unexpected = map_official_names(state_dict)
     own = model.state_dict()
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
