@@ -86,6 +86,26 @@ def map_official_names(state_dict: dict, keep_pretrained_shifted_attention: bool
     return mapped, ignored, bad_clip
 
 
+# Keys only one model family has (ours or the authors' names), to name the model a state dict
+# was saved from when it is given to another. UCoFiA comes before TS2-Net: it has TS2-Net's too.
+MODEL_SIGNATURES = (
+    ("UCoFiA", ("global_mat_weight", "word_mat_weight", "pixel_mat_weight", "frame_logit_weight")),
+    ("TS2-Net", ("visual_token_selector.", "transformerClip.", "frame_position_embeddings.")),
+    ("T-MASS", ("pool_frames.", "stochastic.")),
+    ("TokenBinder", ("query_indicators", "focused.")),
+)
+
+
+def identify_model(state_dict: dict) -> str | None:
+    """The model family whose characteristic keys ``state_dict`` has (``"TS2-Net"``,
+    ``"UCoFiA"``, ``"T-MASS"``, ``"TokenBinder"``), or ``None``; ``module.`` prefixes ignored."""
+    keys = [k[len("module."):] if k.startswith("module.") else k for k in state_dict]
+    for name, prefixes in MODEL_SIGNATURES:
+        if any(k.startswith(prefixes) for k in keys):
+            return name
+    return None
+
+
 def load_official_checkpoint(model: nn.Module, state_dict: dict, strict: bool = False, *,
                              keep_pretrained_shifted_attention: bool = False) -> LoadReport:
     """Copy an authors' state dict into ``model`` (a TS2Net or UCoFiA).
@@ -96,7 +116,15 @@ def load_official_checkpoint(model: nn.Module, state_dict: dict, strict: bool = 
     ``keep_pretrained_shifted_attention=True``: leave the shifted layers' attention as the
     backbone has it (the checkpoint's ``attn.net.*`` reported as ignored), which is the
     model the authors' released UCoFiA evaluation ran (their loader misses those keys).
-    For comparison with their numbers only; the default loads the checkpoint's weights."""
+    For comparison with their numbers only; the default loads the checkpoint's weights.
+
+    A model without released weights (``official_checkpoint = False``: TokenBinder) raises
+    ``ValueError`` naming the model the state dict belongs to."""
+    if not getattr(model, "official_checkpoint", True):
+        found = identify_model(state_dict)
+        raise ValueError(f"{type(model).__name__} has no official checkpoint"
+                         + (f" and this state dict is a {found}'s" if found else "")
+                         + "; load weights saved from this implementation with model.load_state_dict")
     mapped, ignored, unexpected = map_official_names(state_dict, keep_pretrained_shifted_attention)
     own = model.state_dict()
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
