@@ -1,6 +1,8 @@
 """sinkhorn_knopp (SPEC 4): every backend against the reference, forward and backward, both
 domains; the log domain against the probability domain and against float64 where the
 authors' float32 version overflows; autograd, opcheck, torch.compile and bad input."""
+import contextlib
+
 import pytest
 import torch
 
@@ -328,3 +330,70 @@ def test_nonfinite_logits(bad, log_domain):
         assert "large finite negative value instead of -inf" in NONFINITE_MESSAGE
     else:
         assert not (torch.isfinite(row).all() and torch.isfinite(col).all())
+
+
+# ---------------------------------------------------------------- row mass Nv / Nq (issue 11)
+# The authors' updates ask for row sums 1 and column sums 1 in turn, which disagree unless
+# Nq = Nv: their scalings drift by Nq / Nv per iteration and overflow on long or very
+# non-square runs. Every backend asks for row sums Nv / Nq instead (reference module
+# docstring): the same biases, finite for any number of iterations.
+
+
+def _authors(logits, n_iters):
+    """The authors' probability-domain iteration as in SPEC 4, unrescaled."""
+    m = logits.max()
+    K = torch.exp(logits - m)
+    b = 1 / K.sum(0)
+    for _ in range(n_iters):
+        a = 1 / (K @ b)
+        b = 1 / (a @ K)
+    return torch.log_softmax(torch.log(a), 0), torch.log_softmax(torch.log(b) - m, 0)
+
+
+@contextlib.contextmanager
+def _threads(n):
+    """torch.set_num_threads(n) for the block, restored afterwards. Long runs take one thread:
+    thousands of small ops, whose parallel regions cost more than they save (on a loaded
+    2-core machine, 2000 iterations at [300, 200] took 40 s on two threads, 0.6 s on one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _bank(Nq, Nv, dtype=torch.float32):
+    """Logits spanning ~25 (a range where exp never underflows): only the row mass can make
+    the authors' iteration overflow."""
+    return (25.0 + 3.0 * torch.randn(Nq, Nv, dtype=torch.float64)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape,n_iters", [((37, 37), 4), ((37, 37), 30), ((64, 37), 4), ((45, 60), 7)],
+                         ids=str)
+@pytest.mark.parametrize("log_domain", [False, True], ids=["prob", "log"])
+def test_reference_equals_the_authors_iteration(dtype, shape, n_iters, log_domain):
+    """Where the authors' iteration is finite the reference gives its biases: bitwise for
+    square logits in the probability domain (the row mass is 1), to rounding otherwise."""
+    x = make_logits(*shape, "ucofia", dtype)
+    ra, ca = _authors(x, n_iters)
+    assert torch.isfinite(ra).all() and torch.isfinite(ca).all()
+    row, col = ref_sk(x, n_iters, log_domain=log_domain)
+    if shape[0] == shape[1] and not log_domain:
+        assert torch.equal(row, ra) and torch.equal(col, ca)
+    t = tol32(x, n_iters) if dtype == torch.float32 else dict(rtol=0, atol=1e-13 * (n_iters + 1))
+    torch.testing.assert_close(row, ra, **t)
+    torch.testing.assert_close(col, ca, **t)
+
+
+def test_authors_iteration_overflows_where_ours_does_not():
+    """Why the row mass: [57, 1000] x 40 in float32 and [300, 200] x 2000 in float64 are
+    inf/NaN in the authors' iteration, from logits spanning only ~25."""
+    for x, n_iters in [(_bank(57, 1000), 40), (_bank(300, 200, torch.float64), 2000)]:
+        with _threads(1):
+            ra, ca = _authors(x, n_iters)
+            row, col = ref_sk(x, n_iters)
+        assert not (torch.isfinite(ra).all() and torch.isfinite(ca).all())
+        assert torch.isfinite(row).all() and torch.isfinite(col).all()
+

@@ -4,9 +4,12 @@ Kernels: csrc/cpu/sinkhorn_knopp.cpp (cpp), tvr_kernels/triton/sinkhorn_knopp.py
 reference: tvr_kernels/reference/sinkhorn_knopp.py.
 
 The op returns, besides the two biases, the log-potential histories ``f_hist [T, Nq]`` and
-``g_hist [T+1, Nv]`` (float32, float64 for float64 logits). They are what the analytic backward
-needs (O(T (Nq + Nv)) memory instead of the autograd graph of T products with ``exp(logits)``);
-the public function drops them.
+``g_hist [T+1, Nv]`` (float32, float64 for float64 logits; the reference's
+``sinkhorn_potentials``). They are what the analytic backward needs (O(T (Nq + Nv)) memory
+instead of the autograd graph of T products with ``exp(logits)``); the public function drops
+them. The row updates aim at row sums Nv / Nq, not the authors' 1 (reference module docstring):
+the backward kernels take ``kappa = ln(Nv / Nq)`` from the shape and take it out of the row
+update's plan.
 """
 from __future__ import annotations
 
