@@ -397,3 +397,26 @@ def test_authors_iteration_overflows_where_ours_does_not():
         assert not (torch.isfinite(ra).all() and torch.isfinite(ca).all())
         assert torch.isfinite(row).all() and torch.isfinite(col).all()
 
+
+def _truth(x, n_iters):
+    """The biases in float64 (probability domain: finite at _bank's range, and fast)."""
+    return ref_sk(x.double(), n_iters)
+
+
+@pytest.mark.parametrize("log_domain", [False, True], ids=["prob", "log"])
+def test_triton_nonsquare_long_run(log_domain):
+    """The interpreter at a small, very non-square shape: [3, 100] x 60 overflows the
+    authors' float32 iteration after ~25; ours is finite and equal to float64."""
+    if "triton" not in fused_backends("cpu", ("triton",)):
+        pytest.skip("triton interpreter unavailable")
+    x = _bank(3, 100)
+    ra, ca = _authors(x, 60)
+    assert not (torch.isfinite(ra).all() and torch.isfinite(ca).all())
+    r64, c64 = _truth(x, 60)
+    gr, gc = torch.randn(3), torch.randn(100)
+    _, _, gref = run("reference!", x.double(), 60, False, gr.double(), gc.double())
+    row, col, g = run("triton", x, 60, log_domain, gr, gc)
+    torch.testing.assert_close(row.double(), r64, rtol=0, atol=1e-5)
+    torch.testing.assert_close(col.double(), c64, rtol=0, atol=1e-5)
+    torch.testing.assert_close(g.double(), gref, rtol=0, atol=1e-5)
+
