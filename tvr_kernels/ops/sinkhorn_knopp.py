@@ -127,9 +127,11 @@ def sinkhorn_knopp(logits: Tensor, n_iters: int = 4, *,
             videos, similarities times the logit scale 100).
         n_iters: number of ``(a, b)`` updates, >= 1.
         log_domain: False = the authors' probability-domain iteration (``K = exp(logits -
-            max)``, ``a = 1/(K b)``, ``b = 1/(a K)``). Its quirk is kept: for a float32 logit
-            range above ~88 (~104 with denormals) whole columns of ``K`` underflow and the
-            result is inf/NaN, as in the authors' code. True = the same iteration with
+            max)``, ``a = 1/(K b)``, ``b = 1/(a K)``), with ``a = (Nv/Nq)/(K b)`` so that
+            the scalings do not drift (same biases; finite for any number of iterations, see
+            ``tvr_kernels.reference.sinkhorn_knopp``). Its quirk is kept: for a float32
+            logit range above ~88 (~104 with denormals) whole columns of ``K`` underflow and
+            the result is inf/NaN, as in the authors' code. True = the same iteration with
             log-sum-exp updates: equal where the former is finite, finite for any finite
             logits. Use it whenever the logit range may exceed ~80.
 

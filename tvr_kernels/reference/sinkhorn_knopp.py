@@ -62,8 +62,9 @@ def sinkhorn_knopp(logits: torch.Tensor, n_iters: int = 4, *,
         logits: ``[Nq, Nv]`` float (UCoFiA: a bank of training texts x the test videos, the
             similarities times the logit scale 100).
         n_iters: number of ``(a, b)`` updates, >= 1.
-        log_domain: False = the authors' probability-domain iteration (inf/NaN for a float32
-            logit range above ~88); True = log-sum-exp updates, finite for any finite logits.
+        log_domain: False = the authors' probability-domain iteration, with row sums Nv / Nq
+            (module docstring; inf/NaN for a float32 logit range above ~88); True =
+            log-sum-exp updates, finite for any finite logits.
 
     Returns:
         ``(row_bias [Nq], col_bias [Nv])`` in ``logits.dtype``: ``log_softmax(log a)`` and
