@@ -1,6 +1,8 @@
 """sinkhorn_knopp (SPEC 4): every backend against the reference, forward and backward, both
 domains; the log domain against the probability domain and against float64 where the
 authors' float32 version overflows; autograd, opcheck, torch.compile and bad input."""
+import contextlib
+
 import pytest
 import torch
 
@@ -328,3 +330,182 @@ def test_nonfinite_logits(bad, log_domain):
         assert "large finite negative value instead of -inf" in NONFINITE_MESSAGE
     else:
         assert not (torch.isfinite(row).all() and torch.isfinite(col).all())
+
+
+# ---------------------------------------------------------------- row mass Nv / Nq (issue 11)
+# The authors' updates ask for row sums 1 and column sums 1 in turn, which disagree unless
+# Nq = Nv: their scalings drift by Nq / Nv per iteration and overflow on long or very
+# non-square runs. Every backend asks for row sums Nv / Nq instead (reference module
+# docstring): the same biases, finite for any number of iterations.
+
+
+def _authors(logits, n_iters):
+    """The authors' probability-domain iteration as in SPEC 4, unrescaled."""
+    m = logits.max()
+    K = torch.exp(logits - m)
+    b = 1 / K.sum(0)
+    for _ in range(n_iters):
+        a = 1 / (K @ b)
+        b = 1 / (a @ K)
+    return torch.log_softmax(torch.log(a), 0), torch.log_softmax(torch.log(b) - m, 0)
+
+
+@contextlib.contextmanager
+def _threads(n):
+    """torch.set_num_threads(n) for the block, restored afterwards. Long runs take one thread:
+    thousands of small ops, whose parallel regions cost more than they save (on a loaded
+    2-core machine, 2000 iterations at [300, 200] took 40 s on two threads, 0.6 s on one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _bank(Nq, Nv, dtype=torch.float32):
+    """Logits spanning ~25 (a range where exp never underflows): only the row mass can make
+    the authors' iteration overflow."""
+    return (25.0 + 3.0 * torch.randn(Nq, Nv, dtype=torch.float64)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape,n_iters", [((37, 37), 4), ((37, 37), 30), ((64, 37), 4), ((45, 60), 7)],
+                         ids=str)
+@pytest.mark.parametrize("log_domain", [False, True], ids=["prob", "log"])
+def test_reference_equals_the_authors_iteration(dtype, shape, n_iters, log_domain):
+    """Where the authors' iteration is finite the reference gives its biases: bitwise for
+    square logits in the probability domain (the row mass is 1), to rounding otherwise."""
+    x = make_logits(*shape, "ucofia", dtype)
+    ra, ca = _authors(x, n_iters)
+    assert torch.isfinite(ra).all() and torch.isfinite(ca).all()
+    row, col = ref_sk(x, n_iters, log_domain=log_domain)
+    if shape[0] == shape[1] and not log_domain:
+        assert torch.equal(row, ra) and torch.equal(col, ca)
+    t = tol32(x, n_iters) if dtype == torch.float32 else dict(rtol=0, atol=1e-13 * (n_iters + 1))
+    torch.testing.assert_close(row, ra, **t)
+    torch.testing.assert_close(col, ca, **t)
+
+
+def test_authors_iteration_overflows_where_ours_does_not():
+    """Why the row mass: [57, 1000] x 40 in float32 and [300, 200] x 2000 in float64 are
+    inf/NaN in the authors' iteration, from logits spanning only ~25."""
+    for x, n_iters in [(_bank(57, 1000), 40), (_bank(300, 200, torch.float64), 2000)]:
+        with _threads(1):
+            ra, ca = _authors(x, n_iters)
+            row, col = ref_sk(x, n_iters)
+        assert not (torch.isfinite(ra).all() and torch.isfinite(ca).all())
+        assert torch.isfinite(row).all() and torch.isfinite(col).all()
+
+
+def _truth(x, n_iters):
+    """The biases in float64 (probability domain: finite at _bank's range, and fast)."""
+    return ref_sk(x.double(), n_iters)
+
+
+@pytest.mark.parametrize("log_domain", [False, True], ids=["prob", "log"])
+def test_nonsquare_40_iterations_float32_every_backend(log_domain):
+    """[57, 1000] x 40 in float32: finite on every backend and equal to float64 (measured
+    errors <= 3e-6), gradient included (the interpreter's: test_triton_nonsquare_long_run)."""
+    x = _bank(57, 1000)
+    gr, gc = torch.randn(57, dtype=torch.float64), torch.randn(1000, dtype=torch.float64)
+    with _threads(1):
+        r64, c64, g64 = run("reference!", x.double(), 40, False, gr, gc)
+    for backend in ["reference!", "reference", *fused_backends("cpu")]:
+        if backend == "triton":
+            with tk.use_backend("triton"):
+                row, col = tk.sinkhorn_knopp(x, 40, log_domain=log_domain)
+        else:
+            with _threads(1):
+                row, col, g = run(backend, x, 40, log_domain, gr.float(), gc.float())
+            # |g| up to ~3; measured errors 4e-6 (C++), 2e-5 (float32 autograd of the log domain)
+            torch.testing.assert_close(g.double(), g64, rtol=0, atol=5e-5, msg=backend)
+        assert torch.isfinite(row).all() and torch.isfinite(col).all(), backend
+        torch.testing.assert_close(row.double(), r64, rtol=0, atol=1e-5, msg=backend)
+        torch.testing.assert_close(col.double(), c64, rtol=0, atol=1e-5, msg=backend)
+
+
+@pytest.mark.parametrize("log_domain", [False, True], ids=["prob", "log"])
+def test_nonsquare_float64_2000_iterations(log_domain):
+    """[300, 200] x 2000 in float64 (the authors' overflows): finite, and both domains and
+    the reference and C++ kernel agree to float64 rounding."""
+    x = _bank(300, 200, torch.float64)
+    with _threads(1):
+        r64, c64 = ref_sk(x, 2000)
+    for backend in ["reference", *fused_backends("cpu", ("cpp",))]:
+        with tk.use_backend(backend), _threads(1):
+            row, col = tk.sinkhorn_knopp(x, 2000, log_domain=log_domain)
+        assert torch.isfinite(row).all() and torch.isfinite(col).all(), backend
+        torch.testing.assert_close(row, r64, rtol=0, atol=1e-12, msg=backend)
+        torch.testing.assert_close(col, c64, rtol=0, atol=1e-12, msg=backend)
+
+
+def test_log_domain_long_run_precision():
+    """Log domain, [57, 1000] x 2000 in float32: the potentials converge instead of growing
+    by 2000 ln(1000 / 57) ~ 5700, so the biases stay within a few float32 ulps of their size
+    (~7) of float64: measured 6e-7 (rows) and 2.6e-6 (columns); unrescaled: 2.8e-4 / 5.6e-4.
+    The gradient likewise against the C++ kernel in float64."""
+    x = _bank(57, 1000)
+    with _threads(1):
+        r64, c64 = _truth(x, 2000)
+    for backend in ["reference", *fused_backends("cpu", ("cpp",))]:
+        with tk.use_backend(backend), _threads(1):
+            row, col = tk.sinkhorn_knopp(x, 2000, log_domain=True)
+        torch.testing.assert_close(row.double(), r64, rtol=0, atol=5e-6, msg=backend)
+        torch.testing.assert_close(col.double(), c64, rtol=0, atol=1e-5, msg=backend)
+    if "cpp" in fused_backends("cpu", ("cpp",)):
+        gr, gc = torch.randn(57, dtype=torch.float64), torch.randn(1000, dtype=torch.float64)
+        with _threads(1):
+            _, _, g = run("cpp", x, 2000, True, gr.float(), gc.float())
+            _, _, g64 = run("cpp", x.double(), 2000, True, gr, gc)
+        torch.testing.assert_close(g.double(), g64, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("log_domain", [False, True], ids=["prob", "log"])
+def test_triton_nonsquare_long_run(log_domain):
+    """The interpreter at a small, very non-square shape: [3, 100] x 60 overflows the
+    authors' float32 iteration after ~25; ours is finite and equal to float64."""
+    if "triton" not in fused_backends("cpu", ("triton",)):
+        pytest.skip("triton interpreter unavailable")
+    x = _bank(3, 100)
+    ra, ca = _authors(x, 60)
+    assert not (torch.isfinite(ra).all() and torch.isfinite(ca).all())
+    r64, c64 = _truth(x, 60)
+    gr, gc = torch.randn(3), torch.randn(100)
+    _, _, gref = run("reference!", x.double(), 60, False, gr.double(), gc.double())
+    row, col, g = run("triton", x, 60, log_domain, gr, gc)
+    torch.testing.assert_close(row.double(), r64, rtol=0, atol=1e-5)
+    torch.testing.assert_close(col.double(), c64, rtol=0, atol=1e-5)
+    torch.testing.assert_close(g.double(), gref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("log_domain", [False, True], ids=["prob", "log"])
+def test_gradcheck_nonsquare(log_domain):
+    """The analytic backward takes kappa = ln(Nv / Nq) out of the row update's plan: float64
+    gradcheck at a row mass far from 1 (Nv / Nq = 17 / 3), over enough iterations that the
+    unrescaled potentials would have moved by 20 ln(17 / 3) ~ 35, on the reference and the
+    C++ kernel. (Triton: test_gradcheck_fused at 5 / 6 and test_triton_nonsquare_long_run's
+    gradient; gradcheck here takes ~30 s in the interpreter.)"""
+    x = make_logits(3, 17, "small", torch.float64).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: ref_sk(t, 20, log_domain=log_domain), (x,))
+    for backend in fused_backends("cpu", ("cpp",)):
+        with tk.use_backend(backend):
+            assert torch.autograd.gradcheck(lambda t: tk.sinkhorn_knopp(t, 20, log_domain=log_domain),
+                                            (x,)), backend
+
+
+@pytest.mark.parametrize("log_domain", [False, True], ids=["prob", "log"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cpp_thread_count_independent(log_domain, dtype):
+    """Row chunks depend on the shape only: [256, 300] (3 chunks of ~32K logits) gives bitwise
+    the same forward and backward on 1 and 2 threads."""
+    if "cpp" not in fused_backends("cpu", ("cpp",)):
+        pytest.skip("extension not built")
+    x = make_logits(256, 300, "ucofia", dtype)
+    gr, gc = torch.randn(256, dtype=dtype), torch.randn(300, dtype=dtype)
+    out = []
+    for n in (1, 2):
+        with _threads(n):
+            out.append(run("cpp", x, 7, log_domain, gr, gc))
+    for a, b in zip(*out):
+        assert torch.equal(a, b)

@@ -1,33 +1,44 @@
 // Sinkhorn-Knopp (SPEC 4), CPU.
 //
 // Notation: L = logits [Nq, Nv]. Both domains are the same map in exact arithmetic when written
-// with log-potentials f [Nq] (= log a) and g [Nv] (= log b - max L), so that the plan of step t
-// is P = exp(L + f + g):
-//   g_0 = -LSE_i L,   f_t = -LSE_j (L + g_{t-1}),   g_t = -LSE_i (L + f_t),   t = 1..T,
+// with log-potentials f [Nq] (= log a) and g [Nv] (= log b - max L), so that the plans are
+// P = exp(L + f + g). With kappa = ln(Nv / Nq):
+//   g_0 = -LSE_i L,   f_t = kappa - LSE_j (L + g_{t-1}),   g_t = -LSE_i (L + f_t),   t = 1..T,
 //   row_bias = log_softmax(f_T),   col_bias = log_softmax(g_T).
+// kappa (probability domain: a = (Nv / Nq) / (K b)) is the one departure from the authors'
+// a = 1 / (K b) (tvr_kernels/reference/sinkhorn_knopp.py, module docstring): rows summing to
+// Nv / Nq agree with columns summing to 1, so f and g converge instead of drifting by
+// |kappa| per iteration (float32 overflow, lost precision), and the constant it adds to f
+// and g leaves the biases unchanged.
 // The forward returns the histories f [T, Nq] and g [T+1, Nv] (accumulation dtype); the
 // Python op turns the last ones into the biases and saves them for the backward, which is
 // analytic (O(T (Nq + Nv)) saved, nothing of size Nq*Nv but the gradient itself).
 //
-// Forward, one read of L per pass, parallel over rows with per-thread column accumulators:
+// Forward, one read of L per pass, parallel over row chunks with per-chunk column accumulators:
 //   pass 0: max(L), a non-finite check (sum of x*0 is NaN iff some x is inf/NaN), and in the
 //           log domain the column maxima;
 //   pass 1: column sums of exp(L - max) (probability domain, as the authors) or of
 //           exp(L - colmax) (log domain: stable) -> b_0 / g_0;
 //   pass t: each row computes its exp(L_i. - m) b (probability) or its stabilised
 //           exp(L_i. + g - rowmax) (log) into a buffer (L1-resident, kBlock rows), reduces it
-//           to a_i / f_i, and adds a_i k_ij / (e_ij / s_i) to its thread's column sums.
-//   In the log domain the column update is g_t = g_{t-1} - log(sum_i e_ij / s_i): the
-//   column sums of a row-normalised plan, >= 1/(Nq Nv) because every column of the previous,
-//   column-normalised plan holds an entry >= 1/Nq. Hence no column max is needed after pass 1
-//   and nothing overflows or underflows for any finite logits.
+//           to a_i / f_i, and adds a_i k_ij / (e_ij / s_i) to its chunk's column sums.
+//   In the log domain the column update is g_t = g_{t-1} - kappa - log(sum_i e_ij / s_i):
+//   the column sums of a row-stochastic plan, >= 1/(Nq Nv) because every column of the
+//   previous, column-stochastic plan holds an entry >= 1/Nq. Hence no column max is needed
+//   after pass 1 and nothing overflows or underflows for any finite logits.
+// The row chunks depend on the shape only (Scratch), and the column sums are added in row
+// order within a chunk and in chunk order across them, so the results are bitwise the same
+// for any number of threads.
 //
 // Backward (dR, dC -> dL), with dF = dR - softmax(f_T) sum dR and dG = dC - softmax(g_T) sum dC
-// computed by the Python op: for t = T..1 one pass over rows does
-//   Pg = exp(L + f_t + g_t):      dL -= dG_t[None] Pg,  dF_t -= Pg @ dG_t   (row reduction)
-//   Pf = exp(L + f_t + g_{t-1}):  dL -= dF_t[:, None] Pf,  dG_{t-1} = -(dF_t @ Pf)  (columns)
+// computed by the Python op: the stochastic plans of step t are
+//   Pg = exp(L + f_t + g_t)              (columns sum to 1: dg_t/d(L, f_t) = -Pg)
+//   Pf = exp(L + f_t + g_{t-1} - kappa)  (rows sum to 1:    df_t/d(L, g_{t-1}) = -Pf)
+// and for t = T..1 one pass over rows does
+//   dL -= dG_t[None] Pg,  dF_t -= Pg @ dG_t   (row reduction)
+//   dL -= dF_t[:, None] Pf,  dG_{t-1} = -(dF_t @ Pf)  (column sums)
 // and a last pass adds dL -= dG_0[None] exp(L + g_0). (max L cancels out of the result, so it
-// gets no gradient.)
+// gets no gradient; kappa is a constant of the shape.)
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -38,6 +49,7 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "tvr/fast_math.h"
@@ -155,13 +167,14 @@ TVR_SK_INLINE void k_expsum(const T* x, int64_t n, const T* shift, T* colacc) {
                [&](int64_t j) { colacc[j] += fast_exp_nonpos(x[j] - shift[j]); });
 }
 
-// Probability domain, R rows: k = exp(x_r - m); a_r = 1 / (k . b); colacc += a_r k.
+// Probability domain, R rows: k = exp(x_r - m); a_r = ratio / (k . b); colacc += a_r k.
 template <int R, typename T>
-TVR_SK_INLINE void k_prob(const T* x, int64_t n, T m, const T* b, T* colacc, T* kbuf, T* a) {
+TVR_SK_INLINE void k_prob(const T* x, int64_t n, T m, T ratio, const T* b, T* colacc, T* kbuf,
+                          T* a) {
   for (int r = 0; r < R; ++r) {
     const T* xr = x + r * n;
     T* kr = kbuf + r * n;
-    a[r] = T(1) / lane_sum<T>(n, next_row(xr, n), [&](int64_t j) {
+    a[r] = ratio / lane_sum<T>(n, next_row(xr, n), [&](int64_t j) {
       const T k = fast_exp_nonpos(xr[j] - m);
       kr[j] = k;
       return k * b[j];
@@ -170,10 +183,11 @@ TVR_SK_INLINE void k_prob(const T* x, int64_t n, T m, const T* b, T* colacc, T* 
   col_update<R>(n, a, kbuf, colacc);
 }
 
-// Log domain, R rows: v = x_r + g; e = exp(v - max v); s = sum e; colacc += e / s;
-// f_r = -LSE(v) = -(max v + log s).
+// Log domain, R rows: v = x_r + g; e = exp(v - max v); s = sum e; colacc += e / s (the
+// row-stochastic plan; the column update subtracts kappa);
+// f_r = kappa - LSE(v) = kappa - (max v + log s).
 template <int R, typename T>
-TVR_SK_INLINE void k_log(const T* x, int64_t n, const T* g, T* colacc, T* buf, T* f) {
+TVR_SK_INLINE void k_log(const T* x, int64_t n, const T* g, T kappa, T* colacc, T* buf, T* f) {
   T inv[R];
   for (int r = 0; r < R; ++r) {
     const T* xr = x + r * n;
@@ -189,14 +203,14 @@ TVR_SK_INLINE void k_log(const T* x, int64_t n, const T* g, T* colacc, T* buf, T
       return e;
     });
     inv[r] = T(1) / s;
-    f[r] = -(vmax + std::log(s));
+    f[r] = kappa - (vmax + std::log(s));
   }
   col_update<R>(n, inv, buf, colacc);
 }
 
-// Backward row of step t (see the header comment). dl is written (FIRST) or accumulated.
-// With `ratio` (RATIO), Pf = Pg * ratio_j, ratio = exp(g_{t-1} - g_t): one exp per logit
-// instead of two. g_{t-1} - g_t = log(column sums of a row-stochastic plan) <= log(Nq), so
+// Backward row of step t (see the header comment); gp = g_{t-1} - kappa. dl is written (FIRST)
+// or accumulated. With `ratio` (RATIO), Pf = Pg * ratio_j, ratio = exp(gp - g_t): one exp per
+// logit instead of two. gp - g_t = log(column sums of the row-stochastic Pf) <= log(Nq), so
 // the factor is bounded and Pf = Pg ratio is exact up to rounding wherever Pg has not
 // underflowed; where it has, the true Pf is below exp(-104 + log Nq): an absolute error far
 // below the gradient's rounding. The driver checks the bound (< 60) and falls back to two
@@ -257,13 +271,15 @@ TVR_SK_INLINE void k_bwd0(const T* x, int64_t n, const T* g0, const T* dg0, T* d
   ATTR void r_expsum(const T* x, int64_t nr, int64_t n, const T* sh, T* acc) {                  \
     for (int64_t r = 0; r < nr; ++r) k_expsum(x + r * n, n, sh, acc);                           \
   }                                                                                             \
-  ATTR void r_prob(const T* x, int64_t nr, int64_t n, T m, const T* b, T* acc, T* kb, T* a) {   \
-    if (nr == kBlock) k_prob<kBlock>(x, n, m, b, acc, kb, a);                                   \
-    else for (int64_t r = 0; r < nr; ++r) k_prob<1>(x + r * n, n, m, b, acc, kb, a + r);         \
+  ATTR void r_prob(const T* x, int64_t nr, int64_t n, T m, T ratio, const T* b, T* acc, T* kb,  \
+                   T* a) {                                                                      \
+    if (nr == kBlock) k_prob<kBlock>(x, n, m, ratio, b, acc, kb, a);                            \
+    else for (int64_t r = 0; r < nr; ++r) k_prob<1>(x + r * n, n, m, ratio, b, acc, kb, a + r);  \
   }                                                                                             \
-  ATTR void r_log(const T* x, int64_t nr, int64_t n, const T* g, T* acc, T* buf, T* f) {        \
-    if (nr == kBlock) k_log<kBlock>(x, n, g, acc, buf, f);                                      \
-    else for (int64_t r = 0; r < nr; ++r) k_log<1>(x + r * n, n, g, acc, buf, f + r);            \
+  ATTR void r_log(const T* x, int64_t nr, int64_t n, const T* g, T kappa, T* acc, T* buf,       \
+                  T* f) {                                                                       \
+    if (nr == kBlock) k_log<kBlock>(x, n, g, kappa, acc, buf, f);                               \
+    else for (int64_t r = 0; r < nr; ++r) k_log<1>(x + r * n, n, g, kappa, acc, buf, f + r);     \
   }                                                                                             \
   ATTR void r_bwd(const T* x, int64_t nr, int64_t n, const T* f, const T* gt, const T* gp,      \
                   const T* ratio, const T* dgt, const T* df_in, T* dl, bool first, T* acc,      \
@@ -282,20 +298,27 @@ TVR_SK_INSTANCES(, double)
 
 // ---------------------------------------------------------------- drivers
 
-// Scratch per row chunk: column accumulators of Nv and two block buffers of kBlock rows. The
-// rows are cut into `n` contiguous chunks (one per thread) that own their buffers, which keeps
-// the column sums deterministic for a given thread count and does not rely on thread ids.
+// Row chunks: runs of whole row blocks, at least ~32K logits each (small inputs stay serial)
+// and at most kMaxChunks. They depend on the shape only, never on the thread count: each chunk
+// sums its rows into its own column accumulators, which are then added in chunk order, so the
+// results are bitwise the same however the chunks are spread over threads. kMaxChunks bounds
+// those accumulators (kMaxChunks * Nv) and the serial reduction per pass (kMaxChunks * Nv adds:
+// ~0.1% of a pass at [45000, 1000]) and still balances up to a few dozen threads.
+constexpr int64_t kMaxChunks = 64;
+
 template <typename acc_t>
 struct Scratch {
-  int64_t n, nv;
-  std::vector<acc_t> col, rows;
-  Scratch(int64_t nchunks, int64_t Nv)
-      : n(nchunks), nv(Nv), col(nchunks * Nv), rows(nchunks * 2 * kBlock * Nv) {}
+  int64_t n, nb, nv;  // chunks, row blocks, columns
+  std::vector<acc_t> col;
+  Scratch(int64_t Nq, int64_t Nv) : nb((Nq + kBlock - 1) / kBlock), nv(Nv) {
+    const int64_t min_blocks = std::max<int64_t>(1, (int64_t(1) << 15) / (Nv * kBlock));
+    n = std::max<int64_t>(1, std::min<int64_t>(kMaxChunks, (nb + min_blocks - 1) / min_blocks));
+    col.resize(n * nv);
+  }
+  int64_t row_begin(int64_t c) const { return kBlock * (nb * c / n); }
   acc_t* acc(int64_t c) { return col.data() + c * nv; }
-  acc_t* xbuf(int64_t c) { return rows.data() + c * 2 * kBlock * nv; }
-  acc_t* buf(int64_t c) { return rows.data() + (c * 2 + 1) * kBlock * nv; }
   void zero() { std::fill(col.begin(), col.end(), acc_t(0)); }
-  // out[j] = sum over chunks of acc(c)[j]
+  // out[j] = sum over chunks, in chunk order, of acc(c)[j]
   void reduce(acc_t* out) {
     std::fill(out, out + nv, acc_t(0));
     for (int64_t c = 0; c < n; ++c) {
@@ -305,35 +328,42 @@ struct Scratch {
   }
 };
 
-// Chunks: one per thread, but at least ~32K logits each so small inputs stay serial.
-int64_t num_chunks(int64_t Nq, int64_t Nv) {
-  const int64_t min_rows = std::max<int64_t>(1, (int64_t(1) << 15) / Nv);
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (Nq + min_rows - 1) / min_rows));
-}
-
-// Run body(i, nr, rows, chunk) for blocks of nr <= kBlock consecutive rows of L starting at
-// row i, chunks in parallel. `rows` points to the block in acc_t (the input itself, or a
-// converted copy for half types).
+// Run body(i, nr, rows, chunk, buf) for blocks of nr <= kBlock consecutive rows of L starting
+// at row i, chunks in parallel. `rows` points to the block in acc_t (the input itself, or a
+// converted copy for half types); `buf` is a kBlock x Nv scratch block. Both buffers belong to
+// the task: they hold nothing across blocks, so which thread runs a chunk does not matter.
 template <typename acc_t, typename scalar_t, typename Body>
-void for_blocks(const scalar_t* L, int64_t Nq, int64_t Nv, Scratch<acc_t>& sc, const Body& body) {
+void for_blocks(const scalar_t* L, int64_t Nq, int64_t Nv, const Scratch<acc_t>& sc,
+                const Body& body) {
+  constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
   at::parallel_for(0, sc.n, 1, [&](int64_t cb, int64_t ce) {
+    std::vector<acc_t> bufs((convert ? 2 : 1) * kBlock * Nv);
+    acc_t* buf = bufs.data();
     for (int64_t c = cb; c < ce; ++c) {
-      const int64_t begin = Nq * c / sc.n, end = Nq * (c + 1) / sc.n;
-      for (int64_t i = begin; i < end; i += kBlock) {
+      const int64_t end = std::min(Nq, sc.row_begin(c + 1));
+      for (int64_t i = sc.row_begin(c); i < end; i += kBlock) {
         const int64_t nr = std::min<int64_t>(kBlock, end - i);
         const scalar_t* src = L + i * Nv;
         const acc_t* rows;
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          rows = src;
-        } else {
-          acc_t* xb = sc.xbuf(c);
+        if constexpr (convert) {
+          acc_t* xb = buf + kBlock * Nv;
           for (int64_t j = 0; j < nr * Nv; ++j) xb[j] = static_cast<acc_t>(src[j]);
           rows = xb;
+        } else {
+          rows = src;
         }
-        body(i, nr, rows, c);
+        body(i, nr, rows, c, buf);
       }
     }
   });
+}
+
+// (Nv / Nq, ln(Nv / Nq)) in acc_t: the row sums of the plans after a row update and kappa. The
+// same double expressions as row_mass in tvr_kernels/reference/sinkhorn_knopp.py.
+template <typename acc_t>
+std::pair<acc_t, acc_t> row_mass(int64_t Nq, int64_t Nv) {
+  const double ratio = static_cast<double>(Nv) / static_cast<double>(Nq);
+  return {static_cast<acc_t>(ratio), static_cast<acc_t>(std::log(ratio))};
 }
 
 void check_logits(const at::Tensor& logits, int64_t n_iters) {
@@ -359,15 +389,17 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_knopp_fwd_cpu(const at::Tensor& logi
     const scalar_t* L = logits.const_data_ptr<scalar_t>();
     acc_t* F = f_hist.mutable_data_ptr<acc_t>();
     acc_t* G = g_hist.mutable_data_ptr<acc_t>();
-    const int64_t nt = num_chunks(Nq, Nv);
-    Scratch<acc_t> sc(nt, Nv);
+    Scratch<acc_t> sc(Nq, Nv);
+    const int64_t nt = sc.n;
+    const std::pair<acc_t, acc_t> mass = row_mass<acc_t>(Nq, Nv);
+    const acc_t ratio = mass.first, kappa = mass.second;
     std::vector<acc_t> col(Nv), shift(Nv);
 
     // pass 0: max, finiteness, column maxima (log domain; accumulated in sc.col)
     const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
     std::fill(sc.col.begin(), sc.col.end(), ninf);
     std::vector<acc_t> tmax(nt, ninf), tbad(nt, acc_t(0));
-    for_blocks<acc_t>(L, Nq, Nv, sc, [&](int64_t, int64_t nr, const acc_t* x, int64_t c) {
+    for_blocks<acc_t>(L, Nq, Nv, sc, [&](int64_t, int64_t nr, const acc_t* x, int64_t c, acc_t*) {
       r_stats(x, nr, Nv, log_domain ? sc.acc(c) : nullptr, tmax[c], tbad[c]);
     });
     acc_t m = ninf, bad = 0;
@@ -388,7 +420,7 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_knopp_fwd_cpu(const at::Tensor& logi
 
     // pass 1: column sums of exp(L - shift) -> b_0 (probability) / g_0 (log)
     sc.zero();
-    for_blocks<acc_t>(L, Nq, Nv, sc, [&](int64_t, int64_t nr, const acc_t* x, int64_t c) {
+    for_blocks<acc_t>(L, Nq, Nv, sc, [&](int64_t, int64_t nr, const acc_t* x, int64_t c, acc_t*) {
       r_expsum(x, nr, Nv, shift.data(), sc.acc(c));
     });
     sc.reduce(col.data());
@@ -410,15 +442,17 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_knopp_fwd_cpu(const at::Tensor& logi
       acc_t* g = G + t * Nv;
       sc.zero();
       if (log_domain) {
-        for_blocks<acc_t>(L, Nq, Nv, sc, [&](int64_t i, int64_t nr, const acc_t* x, int64_t c) {
-          r_log(x, nr, Nv, gprev, sc.acc(c), sc.buf(c), f + i);
-        });
+        for_blocks<acc_t>(L, Nq, Nv, sc,
+                          [&](int64_t i, int64_t nr, const acc_t* x, int64_t c, acc_t* buf) {
+                            r_log(x, nr, Nv, gprev, kappa, sc.acc(c), buf, f + i);
+                          });
         sc.reduce(col.data());
-        for (int64_t j = 0; j < Nv; ++j) g[j] = gprev[j] - std::log(col[j]);
+        for (int64_t j = 0; j < Nv; ++j) g[j] = gprev[j] - kappa - std::log(col[j]);
       } else {
-        for_blocks<acc_t>(L, Nq, Nv, sc, [&](int64_t i, int64_t nr, const acc_t* x, int64_t c) {
-          r_prob(x, nr, Nv, m, b.data(), sc.acc(c), sc.buf(c), f + i);  // a, logged below
-        });
+        for_blocks<acc_t>(L, Nq, Nv, sc,
+                          [&](int64_t i, int64_t nr, const acc_t* x, int64_t c, acc_t* buf) {
+                            r_prob(x, nr, Nv, m, ratio, b.data(), sc.acc(c), buf, f + i);  // a
+                          });
         for (int64_t i = 0; i < Nq; ++i) f[i] = std::log(f[i]);
         sc.reduce(col.data());
         for (int64_t j = 0; j < Nv; ++j) {
@@ -458,17 +492,20 @@ at::Tensor sinkhorn_knopp_bwd_cpu(const at::Tensor& logits_in, const at::Tensor&
     const acc_t* G = g_hist.const_data_ptr<acc_t>();
     const acc_t* dFT = dF.const_data_ptr<acc_t>();
     acc_t* D = dL.mutable_data_ptr<acc_t>();
-    Scratch<acc_t> sc(num_chunks(Nq, Nv), Nv);
+    Scratch<acc_t> sc(Nq, Nv);
+    const acc_t kappa = row_mass<acc_t>(Nq, Nv).second;
     std::vector<acc_t> dg(dG_T.const_data_ptr<acc_t>(), dG_T.const_data_ptr<acc_t>() + Nv);
-    std::vector<acc_t> dgp(Nv), ratio(Nv);
+    std::vector<acc_t> dgp(Nv), gp(Nv), ratio(Nv);
     for (int64_t t = T; t >= 1; --t) {
       const acc_t* f = F + (t - 1) * Nq;
       const acc_t* gt = G + t * Nv;
-      const acc_t* gp = G + (t - 1) * Nv;
+      const acc_t* gprev = G + (t - 1) * Nv;
       const bool first = t == T;
-      // Pf = Pg exp(g_{t-1} - g_t) when that factor is safely bounded (see k_bwd_t)
+      // gp = g_{t-1} - kappa makes Pf = exp(L + f_t + gp) row-stochastic (header comment);
+      // Pf = Pg exp(gp - g_t) when that factor is safely bounded (see k_bwd_t)
       acc_t max_step = -std::numeric_limits<acc_t>::infinity();
       for (int64_t j = 0; j < Nv; ++j) {
+        gp[j] = gprev[j] - kappa;
         ratio[j] = gp[j] - gt[j];
         max_step = std::max(max_step, ratio[j]);
       }
@@ -476,14 +513,16 @@ at::Tensor sinkhorn_knopp_bwd_cpu(const at::Tensor& logits_in, const at::Tensor&
       if (use_ratio)
         for (int64_t j = 0; j < Nv; ++j) ratio[j] = std::exp(ratio[j]);
       sc.zero();
-      for_blocks<acc_t>(L, Nq, Nv, sc, [&](int64_t i, int64_t nr, const acc_t* x, int64_t c) {
-        r_bwd(x, nr, Nv, f + i, gt, gp, use_ratio ? ratio.data() : nullptr, dg.data(),
-              first ? dFT + i : nullptr, D + i * Nv, first, sc.acc(c), sc.buf(c));
-      });
+      for_blocks<acc_t>(L, Nq, Nv, sc,
+                        [&](int64_t i, int64_t nr, const acc_t* x, int64_t c, acc_t* buf) {
+                          r_bwd(x, nr, Nv, f + i, gt, gp.data(),
+                                use_ratio ? ratio.data() : nullptr, dg.data(),
+                                first ? dFT + i : nullptr, D + i * Nv, first, sc.acc(c), buf);
+                        });
       sc.reduce(dgp.data());
       dg.swap(dgp);
     }
-    for_blocks<acc_t>(L, Nq, Nv, sc, [&](int64_t i, int64_t nr, const acc_t* x, int64_t) {
+    for_blocks<acc_t>(L, Nq, Nv, sc, [&](int64_t i, int64_t nr, const acc_t* x, int64_t, acc_t*) {
       r_bwd0(x, nr, Nv, G, dg.data(), D + i * Nv);
     });
   });

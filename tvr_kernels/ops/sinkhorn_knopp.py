@@ -4,9 +4,12 @@ Kernels: csrc/cpu/sinkhorn_knopp.cpp (cpp), tvr_kernels/triton/sinkhorn_knopp.py
 reference: tvr_kernels/reference/sinkhorn_knopp.py.
 
 The op returns, besides the two biases, the log-potential histories ``f_hist [T, Nq]`` and
-``g_hist [T+1, Nv]`` (float32, float64 for float64 logits). They are what the analytic backward
-needs (O(T (Nq + Nv)) memory instead of the autograd graph of T products with ``exp(logits)``);
-the public function drops them.
+``g_hist [T+1, Nv]`` (float32, float64 for float64 logits; the reference's
+``sinkhorn_potentials``). They are what the analytic backward needs (O(T (Nq + Nv)) memory
+instead of the autograd graph of T products with ``exp(logits)``); the public function drops
+them. The row updates aim at row sums Nv / Nq, not the authors' 1 (reference module docstring):
+the backward kernels take ``kappa = ln(Nv / Nq)`` from the shape and take it out of the row
+update's plan.
 """
 from __future__ import annotations
 
@@ -125,9 +128,11 @@ def sinkhorn_knopp(logits: Tensor, n_iters: int = 4, *,
             videos, similarities times the logit scale 100).
         n_iters: number of ``(a, b)`` updates, >= 1.
         log_domain: False = the authors' probability-domain iteration (``K = exp(logits -
-            max)``, ``a = 1/(K b)``, ``b = 1/(a K)``). Its quirk is kept: for a float32 logit
-            range above ~88 (~104 with denormals) whole columns of ``K`` underflow and the
-            result is inf/NaN, as in the authors' code. True = the same iteration with
+            max)``, ``a = 1/(K b)``, ``b = 1/(a K)``), with ``a = (Nv/Nq)/(K b)`` so that
+            the scalings do not drift (same biases; finite for any number of iterations, see
+            ``tvr_kernels.reference.sinkhorn_knopp``). Its quirk is kept: for a float32
+            logit range above ~88 (~104 with denormals) whole columns of ``K`` underflow and
+            the result is inf/NaN, as in the authors' code. True = the same iteration with
             log-sum-exp updates: equal where the former is finite, finite for any finite
             logits. Use it whenever the logit range may exceed ~80.
 

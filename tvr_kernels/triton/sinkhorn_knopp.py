@@ -1,6 +1,8 @@
 """Sinkhorn-Knopp (SPEC 4) in Triton. Same algorithm and notation as
 csrc/cpu/sinkhorn_knopp.cpp (read its header comment): log-potentials f [Nq], g [Nv] with the
-plan P = exp(L + f + g), one kernel launch per pass over the logits.
+plans P = exp(L + f + g), rows summing to Nv / Nq after a row update (kappa = ln(Nv / Nq): the
+reference's ``row_mass``, which keeps f and g from drifting), one kernel launch per pass over
+the logits.
 
 Each program owns BLOCK_R rows and walks the columns in BLOCK_V chunks twice: the first walk
 reduces its rows (online max / sum-exp, so any Nv works), the second adds the rows' share of
@@ -16,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpret
+from ..reference.sinkhorn_knopp import row_mass
 from . import device_guard
 
 
@@ -66,15 +69,22 @@ def _colsum_kernel(L_ptr, shift_ptr, part_ptr, Nq, Nv,
 
 
 @triton.jit
-def _iter_kernel(L_ptr, vec_ptr, f_ptr, part_ptr, m_ptr, Nq, Nv,
+def _iter_kernel(L_ptr, vec_ptr, f_ptr, part_ptr, c_ptr, Nq, Nv,
                  LOG: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
-    """One (a, b) update over BLOCK_R rows.
-    LOG:  vec = g_{t-1}; f_i = -LSE_j(L_ij + g_j); part[pid, j] = sum_i exp(L_ij + g_j + f_i).
-    else: vec = b;       a_i = 1 / sum_j exp(L_ij - m) b_j; f_i = log a_i;
+    """One (a, b) update over BLOCK_R rows; c = (max L, kappa (LOG) or Nv / Nq (else)).
+    LOG:  vec = g_{t-1}; h_i = -LSE_j(L_ij + g_j); f_i = kappa + h_i;
+          part[pid, j] = sum_i exp(L_ij + g_j + h_i)   (the row-stochastic plan);
+    else: vec = b;       a_i = (Nv / Nq) / sum_j exp(L_ij - m) b_j; f_i = log a_i;
           part[pid, j] = sum_i a_i exp(L_ij - m)   (the authors' a @ K)."""
     pid = tl.program_id(0).to(tl.int64)  # for the partials' offsets pid * Nv
     rows, real = _row_block(Nq, BLOCK_R)
-    m = tl.load(m_ptr)  # a pointer, not a scalar argument: Python floats pass as float32
+    # c: a pointer, not scalar arguments: Python floats pass as float32. The log domain loads
+    # kappa after walk 1: loaded here, ptxas gave the kernel 182 registers instead of 128 on
+    # sm_90 (float32, [45000, 1000]): one program per SM instead of two. The probability
+    # domain's loads stay here (after walk 1: 128 -> 155 registers on sm_80).
+    if not LOG:
+        m = tl.load(c_ptr)
+        ratio = tl.load(c_ptr + 1)
     # walk 1: row reductions
     rmax = tl.full((BLOCK_R,), -float("inf"), ACC)
     s = tl.zeros((BLOCK_R,), ACC)
@@ -92,10 +102,11 @@ def _iter_kernel(L_ptr, vec_ptr, f_ptr, part_ptr, m_ptr, Nq, Nv,
             k = tl.where(cmask[None, :], tl.exp(x - m), 0.0)
             s += tl.sum(k * vec[None, :], axis=1)
     if LOG:
-        f = -(rmax + tl.log(s))
-        w = tl.where(real, f, -float("inf"))  # walk 2's exp scale: 0 for rows past Nq
+        h = -(rmax + tl.log(s))
+        f = tl.load(c_ptr + 1) + h
+        w = tl.where(real, h, -float("inf"))  # walk 2's exp scale: 0 for rows past Nq
     else:
-        a = 1.0 / s
+        a = ratio / s
         f = tl.log(a)
         w = tl.where(real, a, 0.0)
     tl.store(f_ptr + rows, f, mask=real)
@@ -204,7 +215,11 @@ def sinkhorn_knopp_fwd(logits: torch.Tensor, n_iters: int,
     part = torch.empty((n_prog, Nv), device=L.device, dtype=acc)
     f_hist = torch.empty((n_iters, Nq), device=L.device, dtype=acc)
     g_hist = torch.empty((n_iters + 1, Nv), device=L.device, dtype=acc)
-    m = L.max().to(acc).reshape(1)
+    ratio, kappa = row_mass(Nq, Nv)
+    consts = torch.empty(2, device=L.device, dtype=acc)  # (m, row mass) for _iter_kernel
+    consts[0] = L.max()
+    consts[1] = kappa if log_domain else ratio
+    m = consts[:1]
     with device_guard(L):
         if log_domain:
             cmax = L.amax(0).to(acc)
@@ -216,10 +231,12 @@ def sinkhorn_knopp_fwd(logits: torch.Tensor, n_iters: int,
             g_hist[0] = b.log() - m
         for t in range(1, n_iters + 1):
             if log_domain:
-                _iter_kernel[(n_prog,)](L, g_hist[t - 1], f_hist[t - 1], part, m, Nq, Nv, LOG=True, **cfg)
-                g_hist[t] = g_hist[t - 1] - part.sum(0).log()
+                _iter_kernel[(n_prog,)](L, g_hist[t - 1], f_hist[t - 1], part, consts, Nq, Nv,
+                                        LOG=True, **cfg)
+                g_hist[t] = g_hist[t - 1] - kappa - part.sum(0).log()
             else:
-                _iter_kernel[(n_prog,)](L, b, f_hist[t - 1], part, m, Nq, Nv, LOG=False, **cfg)
+                _iter_kernel[(n_prog,)](L, b, f_hist[t - 1], part, consts, Nq, Nv, LOG=False,
+                                        **cfg)
                 b = 1.0 / part.sum(0)
                 g_hist[t] = b.log() - m
     return f_hist, g_hist
@@ -236,12 +253,15 @@ def sinkhorn_knopp_bwd(logits: torch.Tensor, f_hist: torch.Tensor, g_hist: torch
     n_prog = triton.cdiv(Nq, br)
     cfg = dict(ACC=ACC, BLOCK_R=br, BLOCK_V=bv, num_warps=nw)
     f_hist, g_hist = f_hist.to(acc).contiguous(), g_hist.to(acc).contiguous()
+    # g_{t-1} - kappa makes the row-update plan exp(L + f_t + g_{t-1} - kappa) row-stochastic,
+    # which is what the backward of f_t = kappa - LSE_j(L + g_{t-1}) multiplies by
+    g_rows = g_hist - row_mass(Nq, Nv)[1]
     dF, dg = dF.to(acc).contiguous(), dG.to(acc).contiguous()
     part = torch.empty((n_prog, Nv), device=L.device, dtype=acc)
     dL = torch.empty((Nq, Nv), device=L.device, dtype=acc)
     with device_guard(L):
         for t in range(T, 0, -1):
-            _bwd_kernel[(n_prog,)](L, f_hist[t - 1], g_hist[t], g_hist[t - 1], dg, dF, dL, part,
+            _bwd_kernel[(n_prog,)](L, f_hist[t - 1], g_hist[t], g_rows[t - 1], dg, dF, dL, part,
                                    Nq, Nv, FIRST=t == T, **cfg)
             dg = part.sum(0)
         _bwd0_kernel[(n_prog,)](L, g_hist[0], dg, dL, Nq, Nv, **cfg)
