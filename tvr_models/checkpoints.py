@@ -1,4 +1,4 @@
-"""Load the authors' released TS2-Net / UCoFiA state dicts (SPEC "Official checkpoint names").
+"""Load the authors' released TS2-Net / UCoFiA / T-MASS state dicts (SPEC "Official checkpoint names").
 
 Name mapping, authors -> ours:
 
@@ -10,6 +10,17 @@ Name mapping, authors -> ours:
   ``*_mat_weight*`` / ``frame_logit_weight`` -> the same names (our modules use the authors'
   names for exactly this reason);
 * a leading ``module.`` (DistributedDataParallel) is stripped.
+
+T-MASS (:func:`map_tmass_names`): ``clip.<Hugging Face CLIPModel name>`` -> ``clip.clip.<same
+name>`` (our backbone *is* a ``transformers.CLIPModel``); ``pool_frames.*`` and
+``stochastic.std_branch.linear_proj.*`` -> the same names. The authors' trainer saves
+``{"epoch", "state_dict", "optimizer"}``: the ``state_dict`` entry is taken. Ignored: the unused
+``stochastic.std_branch.learnable_scalar`` and the ``position_ids`` buffers older
+``transformers`` saved.
+
+A checkpoint of one family (TS2-Net/UCoFiA: ``transformerClip.*``, ``visual_token_selector.*``;
+T-MASS: ``pool_frames.*``, ``stochastic.*``) given to a model of the other is refused with an
+error naming both.
 
 Keys the authors' models carry but never use in the forward we implement (TS2-Net's
 ``text_token_selector``/``visual_prompt_encoder``, UCoFiA's ``word_logit_weight``,
@@ -78,12 +89,53 @@ def map_official_names(state_dict: dict) -> tuple[dict, list[str], list[str]]:
     return mapped, ignored, bad_clip
 
 
-def load_official_checkpoint(model: nn.Module, state_dict: dict, strict: bool = False) -> LoadReport:
-    """Copy an authors' state dict into ``model`` (a TS2Net or UCoFiA).
+_TMASS_IGNORED = ("stochastic.std_branch.learnable_scalar", "clip.text_model.embeddings.position_ids",
+                  "clip.vision_model.embeddings.position_ids")
+_FAMILIES = {"T-MASS": ("pool_frames.", "stochastic."),
+             "TS2-Net/UCoFiA": ("transformerClip.", "visual_token_selector.", "frame_position_embeddings.")}
 
-    Raises ``ValueError`` listing every shape mismatch (nothing is copied then); with
-    ``strict=True`` also on missing or unexpected keys. Returns a :class:`LoadReport`."""
-    mapped, ignored, unexpected = map_official_names(state_dict)
+
+def map_tmass_names(state_dict: dict) -> tuple[dict, list[str], list[str]]:
+    """T-MASS names -> ours. Returns ``(mapped, ignored, [])`` (nothing is unrecognised at this
+    stage: keys our model lacks are reported as unexpected by the loader)."""
+    mapped, ignored = {}, []
+    for k, v in state_dict.items():
+        k = k[len("module."):] if k.startswith("module.") else k
+        if k in _TMASS_IGNORED:
+            ignored.append(k)
+        elif k.startswith("clip."):
+            mapped["clip." + k] = v
+        else:
+            mapped[k] = v
+    return mapped, ignored, []
+
+
+def _family(keys) -> tuple[str | None, str | None]:
+    """(model family, a key that shows it) of a list of state-dict keys."""
+    keys = [k[len("module."):] if k.startswith("module.") else k for k in keys]
+    for name, prefixes in _FAMILIES.items():
+        hits = [k for k in keys if k.startswith(prefixes)]
+        if hits:
+            return name, hits[0]
+    return None, None
+
+
+def load_official_checkpoint(model: nn.Module, state_dict: dict, strict: bool = False) -> LoadReport:
+    """Copy an authors' state dict into ``model`` (a TS2Net, UCoFiA or TMASS).
+
+    ``state_dict`` may also be the authors' training checkpoint ``{"state_dict": ..., ...}``.
+    Raises ``ValueError`` when the checkpoint belongs to another model family, listing every
+    shape mismatch (nothing is copied then), and with ``strict=True`` on missing or unexpected
+    keys. Returns a :class:`LoadReport`."""
+    if isinstance(state_dict.get("state_dict"), dict):
+        state_dict = state_dict["state_dict"]
+    ckpt_family, example = _family(state_dict)
+    model_family, _ = _family(model.state_dict())
+    if ckpt_family and model_family and ckpt_family != model_family:
+        raise ValueError(f"this is a {ckpt_family} checkpoint (it has {example!r}) but the model is a "
+                         f"{type(model).__name__} ({model_family}): load it into a {ckpt_family} model")
+    tmass = model_family == "T-MASS"
+    mapped, ignored, unexpected = (map_tmass_names if tmass else map_official_names)(state_dict)
     own = model.state_dict()
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in mapped.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
