@@ -15,7 +15,7 @@ from tvr_kernels.reference.stochastic_max_similarity import authors_stochastic_t
 from tvr_models import evaluate as E
 from tvr_models import metrics as M
 from tvr_models.checkpoints import load_official_checkpoint
-from tvr_models.tmass import TMASS, tiny_tmass
+from tvr_models.tmass import TMASS, authors_evaluation, tiny_tmass
 from tvr_models.video import load_videos, write_test_video
 
 D = 32   # the tiny CLIP's joint dim
@@ -73,45 +73,6 @@ def _authors_training_loss(model, text, frames, eps):
     pointer = pooled.mean(1) - text
     support = pointer / pointer.norm(dim=-1, keepdim=True) * radius + text
     return clip_loss(sims(stochastic, pooled)) + model.alpha * clip_loss(sims(support, pooled))
-
-
-def _authors_evaluation(model, text, frames, t2v, eps):
-    """The authors' released evaluation, step by step at feature level, with ``eps``
-    [Nt, Nv, M, D] (the op's Philox draws) in place of ``torch.rand``: every video pooled for
-    every text at once; per video, M stochastic texts of every text, the best against that
-    video's pooling for the text; captions grouped per video (padded with -inf); the batched
-    product of every video's chosen texts with every pooling, whose diagonal is kept.
-    Returns ``(scores [Nt, Nv], gap [Nt, Nv])``, ``gap`` the margin of each selection."""
-    nt, nv, m, d = eps.shape
-    lin = model.stochastic.std_branch.linear_proj
-    pooled = _authors_pooling(model.pool_frames, text, frames)                 # [Nv, Nt, D]
-    chosen, gap = torch.zeros(nv, nt, d), torch.zeros(nt, nv)
-    for j in range(nv):
-        rep = frames[j][None].expand(nt, -1, -1)
-        trials = torch.stack([authors_stochastic_text(text, rep, lin.weight, lin.bias, eps[:, j, s])
-                              for s in range(m)])                              # [M, Nt, D]
-        trials = trials / trials.norm(dim=-1, keepdim=True)
-        target = pooled[j] / pooled[j].norm(dim=-1, keepdim=True)
-        sel = (trials * target).sum(-1)                                        # [M, Nt]
-        top = sel.topk(min(2, m), dim=0).values
-        gap[:, j] = top[0] - top[-1] if m > 1 else 1.0
-        chosen[j] = trials[sel.argmax(0), torch.arange(nt)]
-    groups = [torch.nonzero(t2v == v).flatten() for v in range(nv)]
-    k = max(len(g) for g in groups)
-    tx = torch.full((nv, nv, k, d), float("-inf"))
-    px = torch.full((nv, nv, k, d), float("-inf"))
-    for b, g in enumerate(groups):
-        tx[:, b, :len(g)] = chosen[:, g]
-        px[:, b, :len(g)] = pooled[:, g]
-    tx, px = tx / tx.norm(dim=-1, keepdim=True), px / px.norm(dim=-1, keepdim=True)
-    sims = torch.bmm(tx.permute(0, 2, 1, 3).reshape(nv * k, nv, d),
-                     px.permute(1, 2, 3, 0).reshape(nv * k, d, nv)).view(nv, k, nv, nv)
-    diag = torch.stack([sims[i, :, :, i] for i in range(nv)], dim=-1)          # [K, Nv(b), Nv(i)]
-    out = torch.empty(nt, nv)
-    for b, g in enumerate(groups):
-        for slot, q in enumerate(g.tolist()):
-            out[q] = diag[slot, b]
-    return out, gap
 
 
 # ---------------------------------------------------------------------- training
@@ -262,7 +223,7 @@ def test_unequal_numbers_of_texts_and_videos():
     legacy = model.similarity(tf, vf, chunk_size=8, text_to_video=t2v) / _scale(model)
     eps = philox_noise(model.seed, torch.arange(30), torch.arange(12), 20, D, "uniform", 1.0)
     with torch.no_grad():
-        want, gap = _authors_evaluation(model, tf["text"], vf["frames"], t2v, eps)
+        want, gap = authors_evaluation(model, tf["text"], vf["frames"], t2v, eps, return_margin=True)
     missing = torch.isnan(want)                                   # their -inf padding: NaN
     assert missing.any() and torch.equal(torch.isinf(legacy), missing)
     clear = ~missing & (gap > 1e-5)                               # no near tie in the selection
@@ -280,7 +241,7 @@ def test_legacy_scoring_reproduces_the_authors_evaluation():
     got = model.similarity(tf, vf, chunk_size=6) / _scale(model)
     eps = philox_noise(7, torch.arange(20), torch.arange(20), 8, D, "uniform", 1.0)
     with torch.no_grad():
-        want, gap = _authors_evaluation(model, tf["text"], vf["frames"], torch.arange(20), eps)
+        want, gap = authors_evaluation(model, tf["text"], vf["frames"], None, eps, return_margin=True)
     clear = gap > 1e-5
     assert clear.float().mean() > 0.9
     torch.testing.assert_close(got[clear], want[clear], rtol=1e-4, atol=1e-5)

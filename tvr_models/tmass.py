@@ -205,6 +205,17 @@ class StochasticText(nn.Module):
         return text + eps * radius, radius
 
 
+def caption_slots(text_to_video: Tensor, num_videos: int) -> tuple[Tensor, int]:
+    """``(slot [Nt], K)``: each text's place among its video's captions, in text order (the
+    authors' grouping of captions per video), and the most captions of one video."""
+    counts = torch.bincount(text_to_video, minlength=num_videos)
+    order = torch.argsort(text_to_video, stable=True)
+    first = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(text_to_video)
+    slot[order] = torch.arange(len(text_to_video), device=slot.device) - first[text_to_video[order]]
+    return slot, (int(counts.max()) if len(text_to_video) else 0)
+
+
 def _check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
@@ -367,12 +378,7 @@ class TMASS(RetrievalModel):
             if tuple(t2v.shape) != (nt,) or (nt and (t2v.min() < 0 or t2v.max() >= nv)):
                 raise ValueError(f"text_to_video must be [Nt] = [{nt}] video indices in [0, {nv}), "
                                  f"got shape {tuple(t2v.shape)}")
-        counts = torch.bincount(t2v, minlength=nv)
-        order = torch.argsort(t2v, stable=True)
-        first = torch.cumsum(counts, 0) - counts
-        slot = torch.empty_like(t2v)
-        slot[order] = torch.arange(nt, device=t2v.device) - first[t2v[order]]
-        k = int(counts.max()) if nt else 0
+        slot, k = caption_slots(t2v, nv)
         own = torch.full((nv, k), -1, dtype=torch.long, device=t2v.device)
         own[t2v, slot] = torch.arange(nt, device=t2v.device)
         own_pooled = text.new_zeros(nv, k, text.shape[1])
@@ -425,6 +431,91 @@ class TMASS(RetrievalModel):
         target = own[:, k].transpose(0, 1)                                           # [Bt, Bv, D]
         ok = ok[:, k].t() & (slot < own.shape[1])[:, None]
         return _cos(chosen, target).masked_fill(~ok, float("-inf"))
+
+
+# ---------------------------------------------------------------------- the authors' evaluation
+def authors_pooling(pool: TextConditionedPooling, text: Tensor, frames: Tensor) -> Tensor:
+    """X-Pool's pooling in the authors' order: the [Nv, Nt, D] attention average, then
+    ``out_proj``, LayerNorm, residual linear, LayerNorm, every step pair-sized. [Nv, Nt, D]."""
+    a = pool.cross_attn
+    t, f = pool.layer_norm1(text), pool.layer_norm1(frames)
+    q, k, v = a.q_proj(t), a.k_proj(f), a.v_proj(f)
+    w = torch.softmax(torch.einsum("vkd,td->vtk", k, q) / math.sqrt(q.shape[-1]), dim=-1)
+    h = pool.layer_norm2(a.out_proj(torch.einsum("vtk,vkd->vtd", w, v)))
+    return pool.layer_norm3(h + pool.dropout(pool.linear_proj(h)))
+
+
+def authors_evaluation_bytes(num_texts: int, num_videos: int, dim: int, max_captions: int = 1) -> int:
+    """Approximate peak memory of :func:`authors_evaluation`: six [Nv, Nv, K, D] float32
+    tensors alive at once (the regrouped texts and poolings, their normalised and reshaped
+    copies) and the [Nv*K, Nv, Nv] product. ``num_texts`` only bounds K."""
+    nv, k = num_videos, min(max_captions, max(num_texts, 1))
+    return 4 * (6 * nv * nv * k * dim + k * nv ** 3)
+
+
+@torch.no_grad()
+def authors_evaluation(model: TMASS, text: Tensor, frames: Tensor, text_to_video=None,
+                       noise: Tensor | None = None, return_margin: bool = False):
+    """The authors' released evaluation re-enacted eagerly at feature level, for comparison
+    only: tests check ``legacy_leaky_scoring`` against it, benchmarks/bench_tmass_eval.py
+    measures its cost. It leaks the ground truth (module docstring).
+
+    As theirs: every video pooled for every text at once (:func:`authors_pooling`); per
+    video, ``M`` stochastic texts of every text through their radius module (recomputed for
+    each sample, repeated-text product included), the best against that video's pooling kept
+    in a [Nv, Nt, D] tensor; texts and poolings regrouped per video into [Nv, Nv, K, D]
+    tensors padded with -inf; normalised copies; one batched product [Nv*K, Nv, Nv] whose
+    diagonal is kept. Peak memory: :func:`authors_evaluation_bytes` (about 16 GB at
+    1000 x 1000, D = 512). Their Python loop copying each selected text row is one indexing
+    here: it only cost time.
+
+    Args:
+        model: a :class:`TMASS` (its pooling, radius, ``num_samples``, prior).
+        text: [Nt, D]; frames: [Nv, T, D].
+        text_to_video: [Nt] (None: text ``i`` describes video ``i``).
+        noise: [Nt, Nv, M, D] prior samples (None: drawn per sample from torch's generator,
+            as theirs).
+        return_margin: also return the [Nt, Nv] margin between the best and the second best
+            sample of each selection (near ties make comparisons ambiguous).
+
+    Returns:
+        [Nt, Nv] cosines, NaN where video ``j`` has no caption in text ``i``'s slot (their
+        padding); with ``return_margin``, ``(scores, margin)``.
+    """
+    from tvr_kernels.reference.stochastic_max_similarity import authors_stochastic_text
+    nt, (nv, _, d) = text.shape[0], frames.shape
+    t2v = torch.arange(nt) if text_to_video is None else torch.as_tensor(text_to_video).long()
+    slot, k = caption_slots(t2v, nv)
+    lin = model.stochastic.std_branch.linear_proj
+    pooled = authors_pooling(model.pool_frames, text, frames)                    # [Nv, Nt, D]
+    allpairs = torch.zeros(nv, nt, d, dtype=text.dtype)
+    margin = torch.full((nt, nv), float("inf"))
+    rows = torch.arange(nt)
+    for j in range(nv):
+        rep = frames[j][None].repeat(nt, 1, 1)
+        trials = torch.stack([authors_stochastic_text(text, rep, lin.weight, lin.bias,
+                                                      model.stochastic.sample_prior(text)
+                                                      if noise is None else noise[:, j, s])
+                              for s in range(model.num_samples)])               # [M, Nt, D]
+        trials = trials / trials.norm(dim=-1, keepdim=True)
+        target = pooled[j] / pooled[j].norm(dim=-1, keepdim=True)
+        sel = (trials * target).sum(-1)                                          # [M, Nt]
+        if return_margin and model.num_samples > 1:
+            top = sel.topk(2, dim=0).values
+            margin[:, j] = top[0] - top[1]
+        allpairs[j] = trials[sel.argmax(0), rows]
+    text_per = torch.full((nv, nv, k, d), float("-inf"), dtype=text.dtype)
+    pooled_per = torch.full((nv, nv, k, d), float("-inf"), dtype=text.dtype)
+    text_per[:, t2v, slot] = allpairs
+    pooled_per[:, t2v, slot] = pooled
+    del allpairs, pooled
+    tn = text_per / text_per.norm(dim=-1, keepdim=True)
+    pn = pooled_per / pooled_per.norm(dim=-1, keepdim=True)
+    sims = torch.bmm(tn.permute(0, 2, 1, 3).reshape(nv * k, nv, d),
+                     pn.permute(1, 2, 3, 0).reshape(nv * k, d, nv)).view(nv, k, nv, nv)
+    diag = torch.stack([sims[i, :, :, i] for i in range(nv)], dim=-1)            # [K, Nv(b), Nv(i)]
+    out = diag[slot, t2v]                                                        # [Nt, Nv]
+    return (out, margin) if return_margin else out
 
 
 def tiny_tmass(num_frames: int = 4, **kw) -> TMASS:
