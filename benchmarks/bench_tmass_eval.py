@@ -14,22 +14,28 @@ Providers:
   blocks: each block pooled in tiles, then ``tk.stochastic_max_similarity`` with its
   ``pair_offset``), the op running on that backend.
 
-The two compute the same pooling and the same best-of-M selection; their final scores differ by
+The two compute the same pooling (up to rounding) and the same best-of-M selection; their final scores differ by
 definition (the leak) and by noise (torch.rand vs the op's Philox). This compares cost; the
 values are compared in tests/test_models_tmass.py.
 
-Memory: the authors' pipeline peaks near ``4 * (6 N^2 D + N^3)`` bytes
-(``tvr_models.tmass.authors_evaluation_bytes``): 16.3 GB at N = 1000, as they report 15-20 GB.
-This machine has 24 GiB shared by several jobs, so the reference provider first compares that
-estimate with ``MemAvailable`` and, when it exceeds 80 % of it, raises ``MemoryError`` saying so
-(``benchmarks.run`` then prints ``FAILED (MemoryError: ...)`` for it and goes on) rather than
-risk the machine. The N = 200 case (0.5 GB for theirs) runs both providers anywhere; at N = 1000
-ours runs everywhere, and theirs runs on a machine with the memory. Ours must stay below 3 GB at
-N = 1000 (it holds the features, one block's [128, 128, D] pooling and the [N, N] result).
+Memory: the authors' pipeline peaks near ``4 * (4 N^2 D + N^3)`` bytes
+(``tvr_models.tmass.authors_evaluation_bytes``, measured within 5 % at N = 200-600): 11.4 GiB at
+N = 1000 for the scoring alone (they report 15-20 GB on their GPU, model and allocator included).
+The development machine has 24 GiB shared by several jobs, so the reference provider first
+compares that estimate with ``MemAvailable`` and, past half of it, raises ``MemoryError`` saying
+so (``benchmarks.run`` reports that provider as failed and goes on) rather than crowd out the
+other jobs; ``TVR_BENCH_TMASS_AUTHORS_FULL=1`` runs it anyway. The N = 200 case (0.36 GiB for
+theirs) runs both providers anywhere; at N = 1000 ours runs everywhere and theirs where the
+memory is. Ours must stay below 3 GB at N = 1000: it holds the features, their projections,
+one block's [128, 128, D] pooling and the [N, N] result.
 
-Both providers take minutes at N = 1000 on a small CPU (the authors' radius recomputed for each
-of the M samples, their [N, N, N] product; our pooling's per-pair D x D product and the op): one
-call is measured (no warm-up). ``TVR_BENCH_TMASS_N`` replaces N = 1000 (e.g. 500).
+Measured on the 2-core development machine (AMD EPYC, shared, loaded), one call each:
+200 x 200: theirs 284 s, 367 MiB; ours 9.6 s, 56 MiB. 1000 x 1000: ours 32.7 s, 99 MiB; theirs
+not run (11.4 GiB by the model above; its time grows about as N^2 M, the radius recomputed per
+sample, plus the N^3 D product: hours at that load).
+
+One call is measured (no warm-up: the authors' takes minutes). ``TVR_BENCH_TMASS_N`` replaces
+N = 1000 (e.g. 500).
 """
 import functools
 import os
@@ -83,10 +89,11 @@ def _authors(text, frames, model):
     from tvr_models.tmass import authors_evaluation, authors_evaluation_bytes
     need = authors_evaluation_bytes(text.shape[0], frames.shape[0], D)
     avail = _available_bytes()
-    if avail is not None and need > 0.8 * avail:
+    if avail is not None and need > 0.5 * avail and os.environ.get("TVR_BENCH_TMASS_AUTHORS_FULL") != "1":
         raise MemoryError(f"the authors' evaluation needs ~{need / 2 ** 30:.1f} GiB at "
                           f"{text.shape[0]}x{frames.shape[0]}, {avail / 2 ** 30:.1f} GiB available: "
-                          f"see the {N_SMALL}x{N_SMALL} case, or run where the memory is")
+                          f"see the {N_SMALL}x{N_SMALL} case, run where the memory is, or set "
+                          f"TVR_BENCH_TMASS_AUTHORS_FULL=1")
     return authors_evaluation(model, text, frames)
 
 
