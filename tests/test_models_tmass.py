@@ -414,3 +414,6 @@ def test_cli_demo(capsys):
     assert "t2v: R@1" in out and "skipped 1 unusable videos" in out
     model = E.build_model("tmass", tiny_tmass().clip, 4, 32, legacy_leaky_scoring=True)
     assert isinstance(model, TMASS) and model.legacy_leaky_scoring
+    with pytest.raises(SystemExit):
+        E.main(["--model", "tmass", "--clip", "c", "--annotations", "a", "--videos", "v", "--bank", "b"])
+    assert "T-MASS has no text bank" in capsys.readouterr().err

@@ -239,6 +239,9 @@ def main(argv=None) -> int:
     for req in ("clip", "annotations", "videos"):
         if getattr(args, req) is None:
             ap.error(f"--{req} is required (or use --demo)")
+    if args.model == "tmass" and (args.bank or args.hard_topk):
+        ap.error("--bank and --hard-topk are UCoFiA/TS2-Net options: T-MASS has no text bank "
+                 "and no token selection")
     from .checkpoints import load_official_checkpoint
     from .clip import CLIPBackbone
     from .tokenizer import ClipTokenizer
