@@ -132,3 +132,30 @@ def test_reports_missing_and_unexpected_and_refuses_shapes():
     # a TS2-Net score MLP into UCoFiA: refused
     with pytest.raises(ValueError, match="score_predictor"):
         load_official_checkpoint(model, _ts2net_dict())
+
+
+def test_ucofia_keep_pretrained_shifted_attention():
+    """The authors' UCoFiA loader misses the shifted layers' attn.net.* keys, so their
+    evaluated model keeps the backbone's attention there: the named option reproduces that;
+    the default loads the checkpoint's weights."""
+    sd = _ucofia_dict()
+    shifted = "clip.clip.vision_model.encoder.layers.1.self_attn.q_proj.weight"
+    plain_layer = "clip.clip.vision_model.encoder.layers.0.self_attn.q_proj.weight"
+    got = {}
+    for keep in (False, True):
+        torch.manual_seed(0)
+        model = UCoFiA(_backbone(), num_frames=T, max_words=WORDS, topk=K, temporal_layers=LAYERS_T,
+                       temporal_heads=HEADS, max_positions=POS)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        rep = load_official_checkpoint(model, sd, keep_pretrained_shifted_attention=keep)
+        after = model.state_dict()
+        assert not torch.equal(after[plain_layer], before[plain_layer])      # loaded either way
+        got[keep] = after[shifted].clone()
+        net_keys = [k for k in rep.ignored if ".attn.net." in k]
+        if keep:
+            assert torch.equal(after[shifted], before[shifted])
+            assert len(net_keys) == 4  # in_proj and out_proj, weight and bias, of layer 1
+            assert shifted in rep.missing
+        else:
+            assert not torch.equal(after[shifted], before[shifted]) and net_keys == []
+    assert not torch.equal(got[False], got[True])

@@ -241,3 +241,36 @@ def test_topk_gradient_option(cls):
     torch.testing.assert_close(grads["diagonal"][other], grads["full"][other])
     with pytest.raises(ValueError, match="topk_gradient must be one of"):
         cls(base.clip, topk_gradient="exact", **kw)
+
+
+def test_temporal_layernorm_uses_the_authors_epsilon():
+    """The authors' temporal transformer normalises with eps = 1e-12: at small feature scale
+    a block equals that computation and differs measurably from PyTorch's default 1e-5."""
+    from tvr_models._modules import TemporalTransformer
+    torch.manual_seed(0)
+    tt = TemporalTransformer(32, 1, 2).eval()
+    x, mask = torch.randn(3, 8, 32) * 1e-3, torch.ones(3, 8)
+
+    def block(x, eps):
+        blk = tt.resblocks[0]
+        ln = lambda m, v: torch.nn.functional.layer_norm(v, (32,), m.weight, m.bias, eps)  # noqa: E731
+        h = ln(blk.ln_1, x)
+        x = x + blk.attn(h, h, h, need_weights=False)[0]
+        return x + blk.mlp(ln(blk.ln_2, x))
+    with torch.no_grad():
+        out = tt(x, mask)
+        torch.testing.assert_close(out, block(x, 1e-12), rtol=1e-5, atol=1e-6)
+        assert (out - block(x, 1e-5)).abs().max() > 1e-3 * out.abs().max()
+
+
+def test_ts2net_video_without_valid_frames_scores_zero():
+    model = tiny_ts2net(num_frames=T).eval()
+    model.set_selection(hard=True)
+    ids, mask = _texts(2)
+    video, vmask = _videos(3)
+    vmask[1] = 0
+    with torch.no_grad():
+        s = model.score(model.encode_text(ids, mask), model.encode_video(video, vmask))
+    assert torch.isfinite(s).all()
+    assert torch.equal(s[0, :, 1], torch.zeros(2))
+    assert (s[0, :, [0, 2]] != 0).all()

@@ -395,10 +395,10 @@ def test_checkpoint_for_another_model_or_size_is_refused():
     from tvr_models.ts2net import TS2Net
     model = tiny_tmass(num_frames=T)
     before = model.pool_frames.linear_proj.weight.detach().clone()
-    with pytest.raises(ValueError, match=r"TS2-Net/UCoFiA checkpoint .* but the model is a TMASS"):
+    with pytest.raises(ValueError, match=r"TS2-Net checkpoint \(it has .*\) but the model is a TMASS"):
         load_official_checkpoint(model, _ts2net_dict())
     ts2net = TS2Net(_backbone(), num_frames=T, topk=3, temporal_layers=1, temporal_heads=2)
-    with pytest.raises(ValueError, match=r"T-MASS checkpoint .* but the model is a TS2Net"):
+    with pytest.raises(ValueError, match=r"T-MASS checkpoint \(it has .*\) but the model is a TS2Net"):
         load_official_checkpoint(ts2net, _authors_tmass_dict(model, T))
     # a 12-frame checkpoint into a 4-frame model: refused, naming the tensor, nothing copied
     with pytest.raises(ValueError, match=r"stochastic.std_branch.linear_proj.weight: checkpoint "

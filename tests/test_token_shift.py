@@ -137,11 +137,44 @@ def test_gradcheck_reference():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape, four_d", [((2, 3, 9, 2, 7, 3), False),
+                                           ((1, 4, 9, 2, 3, 1), True),    # overlapping sets
+                                           ((1, 3, 8, 2, 2, 0), False)],  # offset 0
+                         ids=str)
+def test_gradgradcheck(device, shape, four_d):
+    """The backward is a shift too (the transposed gather), differentiable again on every
+    backend: float64 gradgradcheck."""
+    B, T, N, C, fd, off = shape
+    for backend in ["reference", *fused_backends(device)]:
+        x = randn(B * T, N, C, dtype=torch.float64, device=device)
+        x = (x.reshape(B, T, N, C) if four_d else x).requires_grad_(True)
+        # interpreted triton: one random direction (fast mode) rather than every element
+        # (~0.1 s a launch, ~2 minutes for a full check)
+        fast = backend == "triton" and device == "cpu"
+        with tk.use_backend(backend):
+            assert torch.autograd.gradgradcheck(lambda t: tk.token_shift(t, T, fd, off), (x,),
+                                                fast_mode=fast)
+
+
+def test_third_order():
+    """Any order: gx = S^T g, d<gx, h>/dg = S h (the forward), d<S h, k>/dh = S^T k."""
+    x, g, h = (randn(2 * 3, 11, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    k = randn(2 * 3, 11, 4, dtype=torch.float64)
+    with tk.use_backend("cpp"):
+        (gx,) = torch.autograd.grad(tk.token_shift(x, 3), x, g, create_graph=True)
+        (gg,) = torch.autograd.grad(gx, g, h, create_graph=True)
+        (ggg,) = torch.autograd.grad(gg, h, k)
+    assert torch.equal(gg, ref_token_shift(h, 3))
+    assert torch.equal(ggg, torch.autograd.grad(ref_token_shift(x, 3), x, k)[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     x = randn(6, 13, 5, device=device, requires_grad=True)
     for backend in ["", *fused_backends(device, ("cpp", "cuda"))]:
         torch.library.opcheck(torch.ops.tvr.token_shift.default, (x, 3, 7, 3, backend))
-        torch.library.opcheck(torch.ops.tvr.token_shift_backward.default, (x.detach(), 3, 7, 3, backend))
+        # with a gradient that requires grad: the backward op's own autograd (double backward)
+        torch.library.opcheck(torch.ops.tvr.token_shift_backward.default, (x, 3, 7, 3, backend))
 
 
 def test_compile_fullgraph():

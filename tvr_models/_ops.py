@@ -17,8 +17,9 @@ def op(name: str):
 
 
 def perturbed_topk(scores, k, num_samples=500, sigma=0.05, *, seed=None, hard=False,
-                   gradient="diagonal"):
+                   gradient="diagonal", distribution="normal"):
     """``tk.perturbed_topk`` ([b, d] -> [b, k, d]); ``hard=True`` is the deterministic top-k,
-    ``gradient`` its estimator (``"diagonal"``: the authors'; ``"full"``)."""
+    ``gradient`` its estimator (``"diagonal"``: the authors'; ``"full"``), ``distribution``
+    the noise (``"normal"``: TS2-Net's; ``"gumbel"``: TokenBinder's)."""
     return op("perturbed_topk")(scores, k, num_samples, sigma, seed=seed, hard=hard,
-                                gradient=gradient)
+                                gradient=gradient, distribution=distribution)

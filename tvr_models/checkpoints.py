@@ -11,16 +11,18 @@ Name mapping, authors -> ours:
   names for exactly this reason);
 * a leading ``module.`` (DistributedDataParallel) is stripped.
 
+``keep_pretrained_shifted_attention=True`` reproduces the model the authors *evaluated* for
+UCoFiA: their UCoFiA loader does not remap the ``attn.net.*`` keys of the shifted layers
+(10-11), so those layers keep the attention weights of the CLIP the model was built from
+(OpenAI's), not the checkpoint's. The default loads the checkpoint's, as TS2-Net's loader does.
+
 T-MASS (:func:`map_tmass_names`): ``clip.<Hugging Face CLIPModel name>`` -> ``clip.clip.<same
 name>`` (our backbone *is* a ``transformers.CLIPModel``); ``pool_frames.*`` and
 ``stochastic.std_branch.linear_proj.*`` -> the same names. The authors' trainer saves
 ``{"epoch", "state_dict", "optimizer"}``: the ``state_dict`` entry is taken. Ignored: the unused
 ``stochastic.std_branch.learnable_scalar`` and the ``position_ids`` buffers older
-``transformers`` saved.
-
-A checkpoint of one family (TS2-Net/UCoFiA: ``transformerClip.*``, ``visual_token_selector.*``;
-T-MASS: ``pool_frames.*``, ``stochastic.*``) given to a model of the other is refused with an
-error naming both.
+``transformers`` saved. A T-MASS checkpoint given to another model, or another model's to
+T-MASS, is refused with an error naming both (:func:`identify_model`).
 
 Keys the authors' models carry but never use in the forward we implement (TS2-Net's
 ``text_token_selector``/``visual_prompt_encoder``, UCoFiA's ``word_logit_weight``,
@@ -61,12 +63,15 @@ class LoadReport:
         return s
 
 
-def map_official_names(state_dict: dict) -> tuple[dict, list[str], list[str]]:
-    """Authors' names -> ours. Returns ``(mapped, ignored, unrecognised_clip_keys)``."""
+def map_official_names(state_dict: dict, keep_pretrained_shifted_attention: bool = False
+                       ) -> tuple[dict, list[str], list[str]]:
+    """Authors' names -> ours. Returns ``(mapped, ignored, unrecognised_clip_keys)``; with
+    ``keep_pretrained_shifted_attention`` the shifted layers' ``attn.net.*`` are ignored."""
     sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state_dict.items()}
     mapped, ignored, clip_sd = {}, [], {}
     for k, v in sd.items():
-        if k in _CLIP_META or k.startswith(IGNORED_PREFIXES):
+        if (k in _CLIP_META or k.startswith(IGNORED_PREFIXES)
+                or (keep_pretrained_shifted_attention and ".attn.net." in k)):
             ignored.append(k)
         elif k.startswith("clip."):
             clip_sd[k[len("clip."):]] = v
@@ -91,8 +96,6 @@ def map_official_names(state_dict: dict) -> tuple[dict, list[str], list[str]]:
 
 _TMASS_IGNORED = ("stochastic.std_branch.learnable_scalar", "clip.text_model.embeddings.position_ids",
                   "clip.vision_model.embeddings.position_ids")
-_FAMILIES = {"T-MASS": ("pool_frames.", "stochastic."),
-             "TS2-Net/UCoFiA": ("transformerClip.", "visual_token_selector.", "frame_position_embeddings.")}
 
 
 def map_tmass_names(state_dict: dict) -> tuple[dict, list[str], list[str]]:
@@ -110,33 +113,61 @@ def map_tmass_names(state_dict: dict) -> tuple[dict, list[str], list[str]]:
     return mapped, ignored, []
 
 
-def _family(keys) -> tuple[str | None, str | None]:
-    """(model family, a key that shows it) of a list of state-dict keys."""
-    keys = [k[len("module."):] if k.startswith("module.") else k for k in keys]
-    for name, prefixes in _FAMILIES.items():
-        hits = [k for k in keys if k.startswith(prefixes)]
-        if hits:
-            return name, hits[0]
-    return None, None
+# Keys only one model family has (ours or the authors' names), to name the model a state dict
+# was saved from when it is given to another. UCoFiA comes before TS2-Net: it has TS2-Net's too.
+MODEL_SIGNATURES = (
+    ("UCoFiA", ("global_mat_weight", "word_mat_weight", "pixel_mat_weight", "frame_logit_weight")),
+    ("TS2-Net", ("visual_token_selector.", "transformerClip.", "frame_position_embeddings.")),
+    ("T-MASS", ("pool_frames.", "stochastic.")),
+    ("TokenBinder", ("query_indicators", "focused.")),
+)
 
 
-def load_official_checkpoint(model: nn.Module, state_dict: dict, strict: bool = False) -> LoadReport:
+def identify_model(state_dict: dict) -> str | None:
+    """The model family whose characteristic keys ``state_dict`` has (``"TS2-Net"``,
+    ``"UCoFiA"``, ``"T-MASS"``, ``"TokenBinder"``), or ``None``; ``module.`` prefixes ignored."""
+    keys = [k[len("module."):] if k.startswith("module.") else k for k in state_dict]
+    for name, prefixes in MODEL_SIGNATURES:
+        if any(k.startswith(prefixes) for k in keys):
+            return name
+    return None
+
+
+def load_official_checkpoint(model: nn.Module, state_dict: dict, strict: bool = False, *,
+                             keep_pretrained_shifted_attention: bool = False) -> LoadReport:
     """Copy an authors' state dict into ``model`` (a TS2Net, UCoFiA or TMASS).
 
-    ``state_dict`` may also be the authors' training checkpoint ``{"state_dict": ..., ...}``.
-    Raises ``ValueError`` when the checkpoint belongs to another model family, listing every
-    shape mismatch (nothing is copied then), and with ``strict=True`` on missing or unexpected
-    keys. Returns a :class:`LoadReport`."""
-    if isinstance(state_dict.get("state_dict"), dict):
-        state_dict = state_dict["state_dict"]
-    ckpt_family, example = _family(state_dict)
-    model_family, _ = _family(model.state_dict())
-    if ckpt_family and model_family and ckpt_family != model_family:
-        raise ValueError(f"this is a {ckpt_family} checkpoint (it has {example!r}) but the model is a "
-                         f"{type(model).__name__} ({model_family}): load it into a {ckpt_family} model")
-    tmass = model_family == "T-MASS"
-    mapped, ignored, unexpected = (map_tmass_names if tmass else map_official_names)(state_dict)
+    Raises ``ValueError`` listing every shape mismatch (nothing is copied then); with
+    ``strict=True`` also on missing or unexpected keys. Returns a :class:`LoadReport`.
+
+    ``keep_pretrained_shifted_attention=True``: leave the shifted layers' attention as the
+    backbone has it (the checkpoint's ``attn.net.*`` reported as ignored), which is the
+    model the authors' released UCoFiA evaluation ran (their loader misses those keys).
+    For comparison with their numbers only; the default loads the checkpoint's weights.
+
+    A model without released weights (``official_checkpoint = False``: TokenBinder) raises
+    ``ValueError`` naming the model the state dict belongs to, and so does a T-MASS state dict
+    given to another model or another model's given to T-MASS (their names differ throughout).
+    A training checkpoint ``{"state_dict": ..., ...}`` (T-MASS's trainer saves those) is
+    unwrapped."""
+    if not getattr(model, "official_checkpoint", True):
+        found = identify_model(state_dict)
+        raise ValueError(f"{type(model).__name__} has no official checkpoint"
+                         + (f" and this state dict is a {found}'s" if found else "")
+                         + "; load weights saved from this implementation with model.load_state_dict")
     own = model.state_dict()
+    tmass = identify_model(own) == "T-MASS"
+    if isinstance(state_dict.get("state_dict"), dict):      # a training checkpoint (T-MASS's trainer)
+        state_dict = state_dict["state_dict"]
+    found = identify_model(state_dict)
+    if found and (found == "T-MASS") != tmass:
+        example = next(k for k in state_dict if k.removeprefix("module.").startswith(dict(MODEL_SIGNATURES)[found]))
+        raise ValueError(f"this is a {found} checkpoint (it has {example!r}) but the model is a "
+                         f"{type(model).__name__}: load it into a {found} model")
+    if tmass:
+        mapped, ignored, unexpected = map_tmass_names(state_dict)
+    else:
+        mapped, ignored, unexpected = map_official_names(state_dict, keep_pretrained_shifted_attention)
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in mapped.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
     if mismatched:

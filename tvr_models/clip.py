@@ -140,17 +140,21 @@ class CLIPBackbone(nn.Module):
         return self.clip.logit_scale
 
     # ------------------------------------------------------------------ forward
-    def encode_text(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+    def encode_text(self, input_ids: Tensor, inputs_embeds: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Text features.
 
         input_ids: [B, L] (SOT ... EOT, then padding). Only the causal mask is applied, as in
         OpenAI's ``encode_text`` (the authors pass no padding mask; the EOT feature does not
         depend on it, the padding tokens' features -- used by UCoFiA's word scores -- do).
+        inputs_embeds: optional [B, L, W] token embeddings used in place of looking
+        ``input_ids`` up (TokenBinder puts its learned query indicators there); position
+        embeddings are added either way, and ``input_ids`` still locates EOT.
         Returns ``(sentence [B, D], words [B, L, D])``: EOT-pooled (argmax of the ids, the EOT
         token having the largest id) and every token, after ``ln_final`` and the projection.
         """
         tm = self.clip.text_model
-        h = tm.embeddings(input_ids=input_ids)
+        h = (tm.embeddings(input_ids=input_ids) if inputs_embeds is None
+             else tm.embeddings(inputs_embeds=inputs_embeds))
         L = input_ids.shape[1]
         causal = torch.full((L, L), float("-inf"), device=h.device, dtype=h.dtype).triu_(1)
         h = tm.encoder(inputs_embeds=h, attention_mask=causal[None, None]).last_hidden_state

@@ -1,14 +1,16 @@
 """Evaluation driver and CLI.
 
-    python -m tvr_models.evaluate --model {ts2net,ucofia,tmass} --clip DIR --annotations FILE \\
+    python -m tvr_models.evaluate --model {ts2net,ucofia,tokenbinder,tmass} --clip DIR --annotations FILE \\
         --videos DIR [--checkpoint FILE] [--bank FILE] [--frames 12] [--batch-size 16]
     python -m tvr_models.evaluate --demo [--model ucofia]
 
 Stages: texts and videos are encoded in batches (features kept, inputs dropped), then scored
 in ``chunk_size x chunk_size`` blocks written into a preallocated [G, Nt, Nv] matrix (G score
 granularities), so peak memory is the features plus one block's intermediates; the model then
-combines the granularities (UCoFiA: Sinkhorn bias from a text bank). Unusable videos are
-skipped with a warning and listed in the report, with the captions that lost their video.
+combines the granularities (UCoFiA: Sinkhorn bias from a text bank). A two-stage model
+(TokenBinder: a ``rerank`` method) then re-scores each text's top candidates from the
+features, ``chunk_size`` texts at a time. Unusable videos are skipped with a warning and
+listed in the report, with the captions that lost their video.
 """
 from __future__ import annotations
 
@@ -87,7 +89,10 @@ def score_features(model, text_feats: dict, video_feats: dict, bank_feats: dict 
     text_feats, video_feats = model.prepare_scoring(text_feats, video_feats, text_to_video)
     sims = score_matrix(model, text_feats, video_feats, chunk_size, progress)
     bank = None if bank_feats is None else score_matrix(model, bank_feats, video_feats, chunk_size, progress)
-    return model.finalize(sims, bank)
+    sim = model.finalize(sims, bank)
+    # two-stage models: the pairwise scores pick each text's candidates, which get re-scored
+    rerank = getattr(model, "rerank", None)
+    return sim if rerank is None else rerank(sim, text_feats, video_feats, chunk_size, progress)
 
 
 @torch.no_grad()
@@ -113,10 +118,13 @@ def evaluate(model, input_ids: Tensor, attention_mask: Tensor, video: Tensor, vi
 # ------------------------------------------------------------------------------ CLI
 def build_model(name: str, backbone, num_frames: int, max_words: int, **options):
     """``options``: T-MASS keyword arguments (prior, std, legacy_leaky_scoring, ...)."""
+    from .tokenbinder import TokenBinder
     from .ts2net import TS2Net
     from .ucofia import UCoFiA
     if name == "ts2net":
         return TS2Net(backbone, num_frames=num_frames)
+    if name == "tokenbinder":
+        return TokenBinder(backbone, num_frames=num_frames)
     if name == "ucofia":
         return UCoFiA(backbone, num_frames=num_frames, max_words=max_words)
     if name == "tmass":
@@ -163,6 +171,7 @@ def demo(model_name: str = "ucofia", num_videos: int = 8, num_frames: int = 4, s
     """Whole pipeline on generated videos and a tiny random CLIP (a smoke run, not a benchmark)."""
     import numpy as np
 
+    from .tokenbinder import tiny_tokenbinder
     from .ts2net import TINY_CLIP, tiny_ts2net
     from .ucofia import tiny_ucofia
     from .video import write_test_video
@@ -170,8 +179,9 @@ def demo(model_name: str = "ucofia", num_videos: int = 8, num_frames: int = 4, s
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     from .tmass import tiny_tmass
-    makers = {"ucofia": tiny_ucofia, "tmass": tiny_tmass}
-    model = makers.get(model_name, tiny_ts2net)(num_frames=num_frames)
+    makers = {"ts2net": tiny_ts2net, "ucofia": tiny_ucofia, "tokenbinder": tiny_tokenbinder,
+              "tmass": tiny_tmass}
+    model = makers[model_name](num_frames=num_frames)
     vocab = TINY_CLIP["vocab_size"]
     with tempfile.TemporaryDirectory() as d:
         rows = []
@@ -208,12 +218,16 @@ def demo(model_name: str = "ucofia", num_videos: int = 8, num_frames: int = 4, s
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tvr_models.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=["ts2net", "ucofia", "tmass"], default="ucofia")
+    ap.add_argument("--model", choices=["ts2net", "ucofia", "tokenbinder", "tmass"], default="ucofia")
     ap.add_argument("--clip", help="local Hugging Face CLIP directory (config, weights, tokenizer)")
     ap.add_argument("--openai-clip", help="OpenAI-format CLIP state dict (.pt) instead of --clip weights")
     ap.add_argument("--annotations", help="MSR-VTT CSV, video_id,caption CSV, or JSON")
     ap.add_argument("--videos", help="folder of videos named <video_id>.<ext>")
-    ap.add_argument("--checkpoint", help="the authors' released state dict (TS2-Net / UCoFiA)")
+    ap.add_argument("--checkpoint", help="the authors' released state dict (TS2-Net / UCoFiA / T-MASS); "
+                    "TokenBinder (no released weights): a state dict saved from tvr_models")
+    ap.add_argument("--keep-pretrained-shifted-attention", action="store_true",
+                    help="reproduce the authors' evaluated UCoFiA: the shifted layers keep the "
+                         "backbone's attention, not the checkpoint's (their loader's omission)")
     ap.add_argument("--bank", help="UCoFiA: annotation file whose captions form the Sinkhorn text bank")
     ap.add_argument("--frames", type=int, default=12)
     ap.add_argument("--max-words", type=int, default=32)
@@ -252,8 +266,11 @@ def main(argv=None) -> int:
     tmass = dict(prior=args.prior, std=args.prior_std, legacy_leaky_scoring=args.legacy_leaky_scoring)
     model = build_model(args.model, backbone, args.frames, args.max_words,
                         **(tmass if args.model == "tmass" else {}))
-    if args.checkpoint:
-        rep = load_official_checkpoint(model, torch.load(args.checkpoint, map_location="cpu"))
+    if args.checkpoint and not getattr(model, "official_checkpoint", True):
+        model.load_state_dict(torch.load(args.checkpoint, map_location="cpu"))
+    elif args.checkpoint:
+        rep = load_official_checkpoint(model, torch.load(args.checkpoint, map_location="cpu"),
+                                       keep_pretrained_shifted_attention=args.keep_pretrained_shifted_attention)
         print(rep.summary(), file=sys.stderr)
     model.set_selection(hard=args.hard_topk, seed=args.seed)
     tok = ClipTokenizer.from_pretrained(args.clip, max_length=args.max_words)

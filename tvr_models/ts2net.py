@@ -76,13 +76,19 @@ class TS2Net(RetrievalModel):
         return {"frames": x[:, ::per], "mask": video_mask}
 
     def score(self, text_feats: dict, video_feats: dict) -> Tensor:
-        """[1, Bt, Bv] frame-weighted logits."""
+        """[1, Bt, Bv] frame-weighted logits.
+
+        A video with no valid frame (an all-zero mask) scores 0 against every text: its
+        masked similarities are all 0, and the weights over them are uniform, as in the
+        authors' head (a plain 0/0 and a softmax over nothing would give NaN)."""
         t = F.normalize(text_feats["sentence"], dim=-1)
         f = F.normalize(video_feats["frames"], dim=-1)
         valid = video_feats["mask"].bool()                                          # [Bv, T]
         s = torch.einsum("td,vfd->tvf", t, f) * valid                               # [Bt, Bv, T]
-        w = s / s.norm(dim=-1, keepdim=True)
-        w = torch.softmax((4 * w).masked_fill(~valid, float("-inf")), dim=-1)
+        w = s / s.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
+        logits = (4 * w).masked_fill(~valid, float("-inf"))
+        logits = torch.where(valid.any(-1)[None, :, None], logits, torch.zeros_like(logits))
+        w = torch.softmax(logits, dim=-1)
         return (scale(self.clip.logit_scale) * (w * s).sum(-1))[None]
 
 

@@ -153,7 +153,6 @@ TVR_CLONES Best uniform_samples_f32(const float* __restrict A, const float* __re
   const float* B0 = B; const float* B1 = B + Q; const float* B2 = B + 2 * Q; const float* B3 = B + 3 * Q;
   const float* C0 = C; const float* C1 = C + Q; const float* C2 = C + 2 * Q; const float* C3 = C + 3 * Q;
   Best best{-std::numeric_limits<float>::infinity(), 0};
-  bool first = true;
   for (int64_t m = 0; m < M; ++m) {
     float s1 = 0.f, s2 = 0.f, s3 = 0.f;
 #pragma omp simd reduction(+ : s1, s2, s3)
@@ -167,10 +166,7 @@ TVR_CLONES Best uniform_samples_f32(const float* __restrict A, const float* __re
     }
     const float n2 = tt + 2.f * s2 + s3;
     const float c = (tp + s1) / (std::sqrt(n2) * p_norm);
-    if (first || c > best.c) {  // strict: the first maximum wins, as torch.max
-      best = {c, m};
-      first = false;
-    }
+    if (tmass_replaces_max(c, best.c)) best = {c, m};
   }
   return best;
 }
@@ -181,7 +177,7 @@ int64_t generic_samples(const Dims& g, Scratch<acc_t>& sc, int prior, float stdf
                         int64_t j, const scalar_t* noise_pair, acc_t tp, acc_t tt, acc_t p_norm,
                         acc_t* best_out) {
   int64_t best_m = 0;
-  acc_t best_c = 0;
+  acc_t best_c = -std::numeric_limits<acc_t>::infinity();
   const int64_t Q = g.Q;
   acc_t* E = sc.E.data();
   for (int64_t m = 0; m < g.M; ++m) {
@@ -205,7 +201,7 @@ int64_t generic_samples(const Dims& g, Scratch<acc_t>& sc, int prior, float stdf
       s3 += E[x] * E[x] * C[x];
     }
     const acc_t c = (tp + s1) / (std::sqrt(tt + 2 * s2 + s3) * p_norm);
-    if (m == 0 || c > best_c) {  // strict: the first maximum wins, as torch.max
+    if (tmass_replaces_max(c, best_c)) {
       best_c = c;
       best_m = m;
     }

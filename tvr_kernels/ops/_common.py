@@ -1,5 +1,6 @@
-"""Small pieces every op module uses: backend resolution for one call, and running a
-reference's backward through autograd (the reference backend's backward op)."""
+"""Small pieces every op module uses: backend resolution for one call, running a reference's
+backward through autograd (the reference backend's backward op), and the autograd formula of
+backward ops that have no derivative of their own."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -43,3 +44,19 @@ def reference_vjp(fn: Callable, inputs: Sequence[torch.Tensor | None],
     for i, g in zip(diff, grads):
         res[i] = g
     return res
+
+
+def first_order_only(backward_op, op: str) -> None:
+    """Give ``backward_op`` (a custom op computing the gradient of ``tvr::<op>``) an autograd
+    formula that raises: differentiating it (double backward) is not implemented. Without one,
+    torch reports "no autograd formula was registered. Please use register_autograd to add
+    one", which reads like a packaging bug rather than a limit of the op."""
+
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"tvr::{op}: double backward is not supported (differentiating its gradient again, "
+            "as torch.autograd.grad(..., create_graph=True) followed by a backward through "
+            "that gradient, gradgradcheck or a Hessian does); only first-order gradients are "
+            "implemented")
+
+    backward_op.register_autograd(backward, setup_context=lambda ctx, inputs, output: None)

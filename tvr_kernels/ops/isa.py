@@ -16,7 +16,7 @@ from .. import _backend
 from ..reference.isa import bi_isa as _reference_bi_isa
 from ..reference.isa import check_bi_isa_args, check_isa_args
 from ..reference.isa import isa as _reference_isa
-from ._common import pick, reference_vjp
+from ._common import first_order_only, pick, reference_vjp
 
 _SUPPORTED = ("reference", "cpp", "triton")
 
@@ -88,6 +88,7 @@ def _isa_autograd(ctx, grad):
 
 
 _isa.register_autograd(_isa_autograd, setup_context=_isa_setup_context)
+first_order_only(_isa_backward, "isa")
 
 
 def isa(sim: Tensor, weight: Tensor, dim: int = -1, tau: float = 0.01) -> Tensor:
@@ -166,6 +167,7 @@ def _bi_isa_autograd(ctx, grad):
 
 
 _bi_isa.register_autograd(_bi_isa_autograd, setup_context=_bi_isa_setup_context)
+first_order_only(_bi_isa_backward, "bi_isa")
 
 
 def bi_isa(words: Tensor, patches: Tensor, word_weight: Tensor, patch_weight: Tensor,

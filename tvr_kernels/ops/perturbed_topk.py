@@ -28,7 +28,7 @@ from .. import _backend, _philox
 from ..reference.perturbed_topk import (_forward_pieces, backward_from_sum,
                                         check_perturbed_topk_args, expected_gradient_sum,
                                         full_gradient, hard_topk, perturbed_topk_noise)
-from ._common import pick
+from ._common import first_order_only, pick
 
 _SUPPORTED = ("reference", "cpp", "triton")
 
@@ -143,6 +143,8 @@ def _backward(ctx, grad, _grad_w):
 
 
 _perturbed_topk.register_autograd(_backward, setup_context=_setup_context)
+first_order_only(_perturbed_topk_backward, "perturbed_topk")
+first_order_only(_perturbed_topk_full_backward, "perturbed_topk")
 
 
 def perturbed_topk(scores: Tensor, k: int, num_samples: int = 500, sigma: float = 0.05, *,

@@ -17,7 +17,7 @@ from .. import _backend
 from ..reference.sinkhorn_knopp import _compute_dtype, check_sinkhorn_knopp_args
 from ..reference.sinkhorn_knopp import sinkhorn_knopp as _reference
 from ..reference.sinkhorn_knopp import sinkhorn_potentials as _reference_potentials
-from ._common import pick, reference_vjp
+from ._common import first_order_only, pick, reference_vjp
 
 _SUPPORTED = ("reference", "cpp", "triton")
 
@@ -113,6 +113,7 @@ def _backward(ctx, grad_row, grad_col, _grad_f, _grad_g):
 
 
 _sinkhorn_knopp.register_autograd(_backward, setup_context=_setup_context)
+first_order_only(_sinkhorn_knopp_backward, "sinkhorn_knopp")
 
 
 def sinkhorn_knopp(logits: Tensor, n_iters: int = 4, *,

@@ -18,7 +18,7 @@ from ..reference.stochastic_max_similarity import check_stochastic_max_similarit
 from ..reference.stochastic_max_similarity import selected_similarity as _ref_selected
 from ..reference.stochastic_max_similarity import stochastic_max_similarity as _reference
 from ..reference.stochastic_max_similarity import stochastic_text_embedding as _ref_embedding
-from ._common import pick, reference_vjp
+from ._common import first_order_only, pick, reference_vjp
 
 _SUPPORTED = ("reference", "cpp", "triton")
 
@@ -98,6 +98,7 @@ def _backward(ctx, grad_sims, grad_best):
 
 
 _smsim.register_autograd(_backward, setup_context=_setup_context)
+first_order_only(_smsim_backward, "stochastic_max_similarity")
 
 
 def stochastic_max_similarity(text: Tensor, frames: Tensor, pooled: Tensor, radius_weight: Tensor,
@@ -130,12 +131,15 @@ def stochastic_max_similarity(text: Tensor, frames: Tensor, pooled: Tensor, radi
         noise: optional ``[Nt, Nv, M, D]`` prior samples used as is (small tests only).
         pair_offset: ``(i0, j0)``, global index of this call's first text and first video. The
             noise of local pair ``(i, j)`` is keyed by ``(i0 + i, j0 + j)``, so scoring a
-            gallery chunk by chunk (each chunk with its offsets) gives exactly the entries of
-            one call over everything.
+            gallery chunk by chunk (each chunk with its offsets) gives the entries of one call
+            over everything bit for bit, on every backend: each entry is computed from its own
+            pair alone (the reference too: it uses no matmul across the batch).
 
     Returns:
         ``(sims, best)``: ``[Nt, Nv]`` in ``text``'s dtype, and ``[Nt, Nv]`` int64, the first
-        sample reaching the max. ``sims`` is differentiable (through the selected sample) with
+        sample reaching the max. NaN propagates as in ``torch.max``, on every backend: a pair
+        with a NaN sample cosine (a NaN or all-zero row of ``text``, ``frames`` or ``pooled``)
+        scores NaN and ``best`` is its first NaN sample. ``sims`` is differentiable (through the selected sample) with
         respect to ``text``, ``frames``, ``pooled``, ``radius_weight`` and ``radius_bias``.
 
     Example::

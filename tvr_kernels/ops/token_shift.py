@@ -64,6 +64,19 @@ def _backward(ctx, grad):
 _token_shift.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _backward_backward(ctx, grad_gx):
+    # The backward is linear in `grad` (the transposed gather), so its derivative is the
+    # forward gather again, whose own backward is the backward op: every order of
+    # derivative works, on the forward's backend.
+    gg = torch.ops.tvr.token_shift(grad_gx, ctx.num_frames, ctx.fold_div, ctx.offset,
+                                   ctx.backend)
+    return gg, None, None, None, None
+
+
+# Same (tensor, num_frames, fold_div, offset, backend) inputs as the forward: same context.
+_token_shift_backward.register_autograd(_backward_backward, setup_context=_setup_context)
+
+
 def token_shift(x: Tensor, num_frames: int, fold_div: int = 7, offset: int = 3) -> Tensor:
     """Shift whole tokens one frame in time (TS2-Net), fused.
 
@@ -79,13 +92,14 @@ def token_shift(x: Tensor, num_frames: int, fold_div: int = 7, offset: int = 3) 
 
     Returns:
         Tensor of ``x``'s shape and dtype. Bit-exact with
-        ``tvr_kernels.reference.token_shift`` in forward and backward.
+        ``tvr_kernels.reference.token_shift`` in forward and backward. Differentiable to any
+        order (the backward is a shift too).
 
     Example::
 
         y = tk.token_shift(torch.randn(16 * 12, 50, 768), num_frames=12)
     """
     check_token_shift_args(x, num_frames, fold_div, offset)
-    x3 = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() == 4 else x
+    x3 = x.flatten(0, 1) if x.dim() == 4 else x  # not reshape(-1, N, C): ambiguous at C = 0
     y = torch.ops.tvr.token_shift(x3, num_frames, fold_div, offset, _backend.requested_backend())
     return y.reshape(x.shape)

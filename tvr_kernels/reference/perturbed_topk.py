@@ -93,7 +93,7 @@ def perturbed_topk_noise(b: int, num_samples: int, d: int, seed: int,
         lanes = [z0, z1, z2, z3]
     else:
         lanes = [-torch.log(-torch.log(unit_float_open01(x))) for x in (r0, r1, r2, r3)]
-    z = torch.stack(lanes, dim=-1).reshape(b, num_samples, -1)  # [b, S, Q, 4] -> index 4q+lane
+    z = torch.stack(lanes, dim=-1).flatten(-2)  # [b, S, Q, 4] -> index 4q+lane (any b, S)
     return z[:, :, :d].contiguous()
 
 

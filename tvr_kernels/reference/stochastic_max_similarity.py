@@ -130,19 +130,38 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True)
+
+
 def _cos_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Cosine along the last dim, as the authors write it (divide by the norm, no epsilon)."""
-    return (a / a.norm(dim=-1, keepdim=True) * (b / b.norm(dim=-1, keepdim=True))).sum(-1)
+    return (_unit(a) * _unit(b)).sum(-1)
+
+
+def _radius_of_units(tn: torch.Tensor, fn: torch.Tensor, radius_weight: torch.Tensor,
+                     radius_bias: torch.Tensor) -> torch.Tensor:
+    """``exp(radius_weight @ S + radius_bias)`` with ``S_k = tn . fn[..., k, :]``: ``[..., D]``
+    from unit texts ``tn`` ``[..., D]`` and unit frames ``fn`` ``[..., T, D]`` (broadcast).
+
+    Written as products, sums over the last axis and one multiply-add per frame, never as a
+    matmul: a matmul's blocking, and so its rounding, depends on the batch shape, which made a
+    call over a chunk of texts or videos differ from one full call in the last bit. Row by row
+    every entry here rounds the same for any batch shape."""
+    batch = torch.broadcast_shapes(tn.shape[:-1], fn.shape[:-2])
+    z = radius_bias.expand(*batch, radius_bias.shape[0])
+    for k in range(fn.shape[-2]):
+        z = z + (tn * fn[..., k, :]).sum(-1, keepdim=True) * radius_weight[:, k]
+    return torch.exp(z)
 
 
 def radius(text: torch.Tensor, frames: torch.Tensor, radius_weight: torch.Tensor,
            radius_bias: torch.Tensor) -> torch.Tensor:
     """``R[i, j] = exp(radius_weight @ S_ij + radius_bias)``: ``[Nt, Nv, D]`` from ``text``
-    ``[Nt, D]``, ``frames`` ``[Nv, T, D]``, ``radius_weight`` ``[D, T]``, ``radius_bias`` ``[D]``."""
-    tn = text / text.norm(dim=-1, keepdim=True)
-    fn = frames / frames.norm(dim=-1, keepdim=True)
-    S = torch.einsum("id,jkd->ijk", tn, fn)
-    return torch.exp(F.linear(S, radius_weight, radius_bias))
+    ``[Nt, D]``, ``frames`` ``[Nv, T, D]``, ``radius_weight`` ``[D, T]``, ``radius_bias`` ``[D]``.
+    Entry ``[i, j]`` does not depend on the other texts and videos, to the bit."""
+    return _radius_of_units(_unit(text)[:, None, :], _unit(frames)[None], radius_weight,
+                            radius_bias)
 
 
 def _noise_block(noise, seed, i0, i1, Nv, M, D, prior, std, dtype, device, pair_offset):
@@ -170,10 +189,12 @@ def stochastic_max_similarity(text, frames, pooled, radius_weight, radius_bias, 
         noise: optional ``[Nt, Nv, M, D]`` prior samples used as is.
         pair_offset: ``(i0, j0)``, the global index of this call's first text and first video:
             the noise of local pair ``(i, j)`` is keyed by ``(i0 + i, j0 + j)``, so scoring a
-            gallery in chunks draws exactly the noise of one call over everything.
+            gallery in chunks draws the noise of one call over everything and gives its entries
+            bit for bit (every step rounds row by row: see :func:`_radius_of_units`).
 
     Returns:
-        ``(sims, best)``: ``[Nt, Nv]`` in the input dtype and ``[Nt, Nv]`` int64 (first argmax).
+        ``(sims, best)``: ``[Nt, Nv]`` in the input dtype and ``[Nt, Nv]`` int64 (first argmax;
+        NaN and the first NaN sample where a sample's cosine is NaN, as ``torch.max``).
     """
     check_stochastic_max_similarity_args(text, frames, pooled, radius_weight, radius_bias,
                                          num_samples, prior, std, seed, noise, pair_offset)
@@ -260,6 +281,9 @@ def stochastic_text_embedding(text, frames, radius_weight, radius_bias, best, pa
     if tuple(best.shape) != (Nt, Nv):
         raise ValueError(f"best must be [Nt, Nv] = {(Nt, Nv)}, got {tuple(best.shape)}")
     M = int(noise.shape[2]) if isinstance(noise, torch.Tensor) and noise.dim() == 4 else 1
+    if M == 0:  # M comes from noise here: say so, not "num_samples must be >= 1"
+        raise ValueError(f"noise is [Nt, Nv, M, D] = {tuple(noise.shape)} with M = 0: it must "
+                         "hold at least one sample")
     # pooled is not needed here: a broadcast stand-in of the right shape passes its checks.
     stand_in = text.new_empty(()).expand(Nv, Nt, D)
     check_stochastic_max_similarity_args(text, frames, stand_in, radius_weight, radius_bias,
@@ -291,10 +315,7 @@ def stochastic_text_embedding(text, frames, radius_weight, radius_bias, best, pa
     ct = _compute_dtype(out_dtype)
     text, frames = text.to(ct), frames.to(ct)
     radius_weight, radius_bias = radius_weight.to(ct), radius_bias.to(ct)
-    tn = text[ii] / text[ii].norm(dim=-1, keepdim=True)
-    fn = frames[jj] / frames[jj].norm(dim=-1, keepdim=True)
-    S = torch.einsum("pd,pkd->pk", tn, fn)
-    R = torch.exp(F.linear(S, radius_weight, radius_bias))
+    R = _radius_of_units(_unit(text[ii]), _unit(frames[jj]), radius_weight, radius_bias)
     if noise is not None:
         eps = noise[ii, jj, m].to(ct)
     else:

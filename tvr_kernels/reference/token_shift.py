@@ -38,7 +38,9 @@ def token_shift(x: torch.Tensor, num_frames: int, fold_div: int = 7, offset: int
     check_token_shift_args(x, num_frames, fold_div, offset)
     N, C = x.shape[-2], x.shape[-1]
     fold = N // fold_div
-    xv = x.reshape(-1, num_frames, N, C)
+    # B from the shape, not reshape(-1, ...): with C = 0 the -1 would be ambiguous
+    B = x.shape[0] if x.dim() == 4 else x.shape[0] // num_frames
+    xv = x.reshape(B, num_frames, N, C)
     out = xv.clone()
     out[:, 1:, 1::fold] = xv[:, :-1, 1::fold]
     out[:, :-1, 1 + offset::fold] = xv[:, 1:, 1 + offset::fold]

@@ -106,6 +106,18 @@ def _select_block(sc, noise_ptr, row64, row, s0, d, k, S, sigma, seed_lo, seed_h
 
 
 @triton.jit
+def _load_row(scores_ptr, d, ACC: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """This program's row: its index (int32 and int64), the ``4 * BLOCK_Q`` column indices,
+    their validity, and the scores in ACC (padding 0, never chosen)."""
+    row = tl.program_id(0)
+    row64 = row.to(tl.int64)
+    i = tl.arange(0, 4 * BLOCK_Q)
+    valid_i = i < d
+    sc = tl.load(scores_ptr + row64 * d + i, mask=valid_i, other=0.0).to(ACC)
+    return row, row64, i, valid_i, sc
+
+
+@triton.jit
 def _noise_grad(z, GUMBEL: tl.constexpr):
     """g(z), the estimator's weight: z (normal) or 1 - exp(-z) (Gumbel)."""
     if GUMBEL:
@@ -121,11 +133,7 @@ def _perturbed_topk_fwd_kernel(scores_ptr, noise_ptr, ind_ptr, w_ptr, d, k, S, s
                                HARD: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr,
                                BLOCK_Q: tl.constexpr, K_PAD: tl.constexpr):
     BLOCK_D: tl.constexpr = 4 * BLOCK_Q
-    row = tl.program_id(0)
-    row64 = row.to(tl.int64)
-    i = tl.arange(0, BLOCK_D)
-    valid_i = i < d
-    sc = tl.load(scores_ptr + row64 * d + i, mask=valid_i, other=0.0).to(ACC)
+    row, row64, i, valid_i, sc = _load_row(scores_ptr, d, ACC, BLOCK_Q)
     j = tl.arange(0, K_PAD)
     counts = tl.zeros((K_PAD, BLOCK_D), dtype=tl.int32)
     wacc = tl.zeros((K_PAD, BLOCK_D), dtype=tl.float32)
@@ -152,11 +160,7 @@ def _perturbed_topk_full_bwd_kernel(g_ptr, scores_ptr, noise_ptr, out_ptr, d, k,
     samples again, ``c[s] = sum_j grad[j, idx[s, j]]`` from the selection, and accumulates
     ``sum_s g(z[s, :]) * c[s]``; out ``= acc / S / sigma``."""
     BLOCK_D: tl.constexpr = 4 * BLOCK_Q
-    row = tl.program_id(0)
-    row64 = row.to(tl.int64)
-    i = tl.arange(0, BLOCK_D)
-    valid_i = i < d
-    sc = tl.load(scores_ptr + row64 * d + i, mask=valid_i, other=0.0).to(ACC)
+    row, row64, i, valid_i, sc = _load_row(scores_ptr, d, ACC, BLOCK_Q)
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for s0 in range(0, S, BLOCK_S):
         z, sel, rank = _select_block(sc, noise_ptr, row64, row, s0, d, k, S, sigma, seed_lo,

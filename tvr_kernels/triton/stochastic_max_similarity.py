@@ -155,7 +155,9 @@ def _smsim_fwd_kernel(text_ptr, frames_ptr, pooled_ptr, wt_ptr, b_ptr, noise_ptr
         s2 = _dot(e, B)
         s3 = _dot(e * e, C)
         c = (tp + s1) / (tl.sqrt(tt + 2.0 * s2 + s3) * p_norm)
-        upd = c > best_c  # strict: the first maximum wins
+        # torch.max's rule, as csrc/include/tvr/stochastic_max_similarity.h:tmass_replaces_max:
+        # NaN beats any number and the first NaN stays; else strict, so the first maximum wins
+        upd = (c > best_c) | ((c != c) & (best_c == best_c))
         best_c = tl.where(upd, c, best_c)
         best_m = tl.where(upd, m, best_m)
     tl.store(sims_ptr + pid, best_c.to(sims_ptr.dtype.element_ty))

@@ -33,4 +33,13 @@ TVR_HD void tmass_noise4(uint32_t q, uint32_t m, uint32_t j, uint32_t i, uint64_
   }
 }
 
+// Whether sample cosine c replaces the running max `best` (started at -inf): torch.max's rule,
+// which the reference uses and every kernel follows. A NaN beats any number and the first NaN
+// stays, so a NaN or all-zero row scores NaN (not a -inf that silently ranks last) with the
+// reference's `best`; among numbers only a strictly greater one wins (the first maximum stays).
+template <typename T>
+TVR_HD bool tmass_replaces_max(T c, T best) {
+  return c > best || (c != c && best == best);
+}
+
 }  // namespace tvr
