@@ -21,6 +21,16 @@ from tvr_models.video import load_videos, write_test_video
 D = 32   # the tiny CLIP's joint dim
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny sizes: intra-op threads only add synchronisation, and on busy cores each parallel
+    # region waits for a descheduled thread (this file: 10 s with one thread, 40-100 s with two).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _features(nt, nv, seed=0, common=0.0):
     """Feature-level inputs: texts [nt, D], frames [nv, T, D] (+ ``common`` * a shared clip)."""
     g = torch.Generator().manual_seed(seed)
