@@ -174,6 +174,8 @@ class RetrievalModel(nn.Module):
     * ``encode_text(input_ids [Bt, L], attention_mask [Bt, L]) -> dict`` of [Bt, ...] tensors;
     * ``encode_video(video [Bv, T, 3, H, W], video_mask [Bv, T]) -> dict`` of [Bv, ...] tensors;
     * ``score(text_feats, video_feats) -> [G, Bt, Bv]``: the G granularities' logits of a chunk;
+      ``score_chunk(..., offset)`` is what the evaluation calls (``offset``: the chunk's place);
+    * ``prepare_scoring(text_feats, video_feats, text_to_video)`` runs once before scoring;
     * ``finalize(sims [G, Nt, Nv], bank_sims [G, Nb, Nv] | None) -> [Nt, Nv]``;
     * ``forward(...)`` -> training loss (symmetric cross-entropy of ``training_logits``).
     """
@@ -185,6 +187,19 @@ class RetrievalModel(nn.Module):
 
     def finalize(self, sims: Tensor, bank_sims: Tensor | None = None) -> Tensor:
         return sims.mean(0)
+
+    def score_chunk(self, text_feats: dict, video_feats: dict, offset: tuple[int, int]) -> Tensor:
+        """``score`` of one evaluation block whose first text and video are text ``offset[0]``
+        and video ``offset[1]`` of the whole evaluation. A model that draws noise per pair
+        (T-MASS) keys it by these global indices, so its scores do not depend on the block
+        size; the others ignore them."""
+        return self.score(text_feats, video_feats)
+
+    def prepare_scoring(self, text_feats: dict, video_feats: dict, text_to_video=None) -> tuple[dict, dict]:
+        """Features as the scoring stage takes them; ``text_to_video`` [Nt] is the evaluation's
+        ground truth (None: text i describes video i). Unchanged by default: only T-MASS's
+        ``legacy_leaky_scoring`` (the authors' evaluation, which leaks it) reads it."""
+        return text_feats, video_feats
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, video: Tensor, video_mask: Tensor) -> Tensor:
         """Training loss of a batch of matching pairs (text i describes video i)."""
@@ -201,7 +216,8 @@ class RetrievalModel(nn.Module):
 
     @torch.no_grad()
     def similarity(self, text_feats: dict, video_feats: dict, bank_feats: dict | None = None,
-                   chunk_size: int = 128, progress: bool = False) -> Tensor:
+                   chunk_size: int = 128, progress: bool = False, text_to_video=None) -> Tensor:
         """Evaluation similarity [Nt, Nv], scored in ``chunk_size`` blocks (bounded memory)."""
         from .evaluate import score_features
-        return score_features(self, text_feats, video_feats, bank_feats, chunk_size, progress)
+        return score_features(self, text_feats, video_feats, bank_feats, chunk_size, progress,
+                              text_to_video=text_to_video)

@@ -11,7 +11,8 @@ import tvr_kernels as tk
 
 def op(name: str):
     """The public ``tvr_kernels`` op ``name`` (``token_shift``, ``perturbed_topk``, ``isa``,
-    ``bi_isa`` or ``sinkhorn_knopp``)."""
+    ``bi_isa``, ``sinkhorn_knopp``, ``stochastic_max_similarity`` or
+    ``stochastic_text_embedding``)."""
     return getattr(tk, name)
 
 

@@ -1,4 +1,4 @@
-"""Load the authors' released TS2-Net / UCoFiA state dicts (SPEC "Official checkpoint names").
+"""Load the authors' released TS2-Net / UCoFiA / T-MASS state dicts (SPEC "Official checkpoint names").
 
 Name mapping, authors -> ours:
 
@@ -15,6 +15,14 @@ Name mapping, authors -> ours:
 UCoFiA: their UCoFiA loader does not remap the ``attn.net.*`` keys of the shifted layers
 (10-11), so those layers keep the attention weights of the CLIP the model was built from
 (OpenAI's), not the checkpoint's. The default loads the checkpoint's, as TS2-Net's loader does.
+
+T-MASS (:func:`map_tmass_names`): ``clip.<Hugging Face CLIPModel name>`` -> ``clip.clip.<same
+name>`` (our backbone *is* a ``transformers.CLIPModel``); ``pool_frames.*`` and
+``stochastic.std_branch.linear_proj.*`` -> the same names. The authors' trainer saves
+``{"epoch", "state_dict", "optimizer"}``: the ``state_dict`` entry is taken. Ignored: the unused
+``stochastic.std_branch.learnable_scalar`` and the ``position_ids`` buffers older
+``transformers`` saved. A T-MASS checkpoint given to another model, or another model's to
+T-MASS, is refused with an error naming both (:func:`identify_model`).
 
 Keys the authors' models carry but never use in the forward we implement (TS2-Net's
 ``text_token_selector``/``visual_prompt_encoder``, UCoFiA's ``word_logit_weight``,
@@ -86,6 +94,25 @@ def map_official_names(state_dict: dict, keep_pretrained_shifted_attention: bool
     return mapped, ignored, bad_clip
 
 
+_TMASS_IGNORED = ("stochastic.std_branch.learnable_scalar", "clip.text_model.embeddings.position_ids",
+                  "clip.vision_model.embeddings.position_ids")
+
+
+def map_tmass_names(state_dict: dict) -> tuple[dict, list[str], list[str]]:
+    """T-MASS names -> ours. Returns ``(mapped, ignored, [])`` (nothing is unrecognised at this
+    stage: keys our model lacks are reported as unexpected by the loader)."""
+    mapped, ignored = {}, []
+    for k, v in state_dict.items():
+        k = k[len("module."):] if k.startswith("module.") else k
+        if k in _TMASS_IGNORED:
+            ignored.append(k)
+        elif k.startswith("clip."):
+            mapped["clip." + k] = v
+        else:
+            mapped[k] = v
+    return mapped, ignored, []
+
+
 # Keys only one model family has (ours or the authors' names), to name the model a state dict
 # was saved from when it is given to another. UCoFiA comes before TS2-Net: it has TS2-Net's too.
 MODEL_SIGNATURES = (
@@ -108,7 +135,7 @@ def identify_model(state_dict: dict) -> str | None:
 
 def load_official_checkpoint(model: nn.Module, state_dict: dict, strict: bool = False, *,
                              keep_pretrained_shifted_attention: bool = False) -> LoadReport:
-    """Copy an authors' state dict into ``model`` (a TS2Net or UCoFiA).
+    """Copy an authors' state dict into ``model`` (a TS2Net, UCoFiA or TMASS).
 
     Raises ``ValueError`` listing every shape mismatch (nothing is copied then); with
     ``strict=True`` also on missing or unexpected keys. Returns a :class:`LoadReport`.
@@ -119,14 +146,28 @@ def load_official_checkpoint(model: nn.Module, state_dict: dict, strict: bool = 
     For comparison with their numbers only; the default loads the checkpoint's weights.
 
     A model without released weights (``official_checkpoint = False``: TokenBinder) raises
-    ``ValueError`` naming the model the state dict belongs to."""
+    ``ValueError`` naming the model the state dict belongs to, and so does a T-MASS state dict
+    given to another model or another model's given to T-MASS (their names differ throughout).
+    A training checkpoint ``{"state_dict": ..., ...}`` (T-MASS's trainer saves those) is
+    unwrapped."""
     if not getattr(model, "official_checkpoint", True):
         found = identify_model(state_dict)
         raise ValueError(f"{type(model).__name__} has no official checkpoint"
                          + (f" and this state dict is a {found}'s" if found else "")
                          + "; load weights saved from this implementation with model.load_state_dict")
-    mapped, ignored, unexpected = map_official_names(state_dict, keep_pretrained_shifted_attention)
     own = model.state_dict()
+    tmass = identify_model(own) == "T-MASS"
+    if isinstance(state_dict.get("state_dict"), dict):      # a training checkpoint (T-MASS's trainer)
+        state_dict = state_dict["state_dict"]
+    found = identify_model(state_dict)
+    if found and (found == "T-MASS") != tmass:
+        example = next(k for k in state_dict if k.removeprefix("module.").startswith(dict(MODEL_SIGNATURES)[found]))
+        raise ValueError(f"this is a {found} checkpoint (it has {example!r}) but the model is a "
+                         f"{type(model).__name__}: load it into a {found} model")
+    if tmass:
+        mapped, ignored, unexpected = map_tmass_names(state_dict)
+    else:
+        mapped, ignored, unexpected = map_official_names(state_dict, keep_pretrained_shifted_attention)
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in mapped.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
     if mismatched:

@@ -1,6 +1,6 @@
 """Evaluation driver and CLI.
 
-    python -m tvr_models.evaluate --model {ts2net,ucofia,tokenbinder} --clip DIR --annotations FILE \\
+    python -m tvr_models.evaluate --model {ts2net,ucofia,tokenbinder,tmass} --clip DIR --annotations FILE \\
         --videos DIR [--checkpoint FILE] [--bank FILE] [--frames 12] [--batch-size 16]
     python -m tvr_models.evaluate --demo [--model ucofia]
 
@@ -72,8 +72,8 @@ def score_matrix(model, text_feats: dict, video_feats: dict, chunk_size: int = 1
     out = None
     blocks = [(i, j) for i in range(0, nt, chunk_size) for j in range(0, nv, chunk_size)]
     for i, j in tqdm(blocks, desc="scoring", disable=not progress or len(blocks) < 4):
-        s = model.score(slice_features(text_feats, slice(i, i + chunk_size)),
-                        slice_features(video_feats, slice(j, j + chunk_size)))
+        s = model.score_chunk(slice_features(text_feats, slice(i, i + chunk_size)),
+                              slice_features(video_feats, slice(j, j + chunk_size)), (i, j))
         if out is None:
             out = torch.empty(s.shape[0], nt, nv, dtype=s.dtype, device=s.device)
         out[:, i:i + chunk_size, j:j + chunk_size] = s
@@ -82,8 +82,11 @@ def score_matrix(model, text_feats: dict, video_feats: dict, chunk_size: int = 1
 
 @torch.no_grad()
 def score_features(model, text_feats: dict, video_feats: dict, bank_feats: dict | None = None,
-                   chunk_size: int = 128, progress: bool = False) -> Tensor:
-    """Final evaluation similarity [Nt, Nv] from features (the scoring stage)."""
+                   chunk_size: int = 128, progress: bool = False, text_to_video=None) -> Tensor:
+    """Final evaluation similarity [Nt, Nv] from features (the scoring stage).
+
+    ``text_to_video`` reaches only ``model.prepare_scoring`` (T-MASS's legacy leaky scoring)."""
+    text_feats, video_feats = model.prepare_scoring(text_feats, video_feats, text_to_video)
     sims = score_matrix(model, text_feats, video_feats, chunk_size, progress)
     bank = None if bank_feats is None else score_matrix(model, bank_feats, video_feats, chunk_size, progress)
     sim = model.finalize(sims, bank)
@@ -107,13 +110,14 @@ def evaluate(model, input_ids: Tensor, attention_mask: Tensor, video: Tensor, vi
     tf = encode_texts(model, input_ids, attention_mask, text_batch, progress)
     vf = encode_videos(model, video, video_mask, video_batch, progress)
     bf = None if bank_ids is None else encode_texts(model, bank_ids, bank_mask, text_batch, progress)
-    sim = score_features(model, tf, vf, bf, chunk_size, progress)
+    sim = score_features(model, tf, vf, bf, chunk_size, progress, text_to_video=text_to_video)
     return {"metrics": M.retrieval_metrics(sim, text_to_video), "sim": sim,
             "seconds": time.perf_counter() - t0}
 
 
 # ------------------------------------------------------------------------------ CLI
-def build_model(name: str, backbone, num_frames: int, max_words: int):
+def build_model(name: str, backbone, num_frames: int, max_words: int, **options):
+    """``options``: T-MASS keyword arguments (prior, std, legacy_leaky_scoring, ...)."""
     from .tokenbinder import TokenBinder
     from .ts2net import TS2Net
     from .ucofia import UCoFiA
@@ -123,6 +127,9 @@ def build_model(name: str, backbone, num_frames: int, max_words: int):
         return TokenBinder(backbone, num_frames=num_frames)
     if name == "ucofia":
         return UCoFiA(backbone, num_frames=num_frames, max_words=max_words)
+    if name == "tmass":
+        from .tmass import TMASS
+        return TMASS(backbone, num_frames=num_frames, **options)
     raise ValueError(f"unknown model {name!r}")
 
 
@@ -171,7 +178,9 @@ def demo(model_name: str = "ucofia", num_videos: int = 8, num_frames: int = 4, s
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    makers = {"ts2net": tiny_ts2net, "ucofia": tiny_ucofia, "tokenbinder": tiny_tokenbinder}
+    from .tmass import tiny_tmass
+    makers = {"ts2net": tiny_ts2net, "ucofia": tiny_ucofia, "tokenbinder": tiny_tokenbinder,
+              "tmass": tiny_tmass}
     model = makers[model_name](num_frames=num_frames)
     vocab = TINY_CLIP["vocab_size"]
     with tempfile.TemporaryDirectory() as d:
@@ -209,12 +218,12 @@ def demo(model_name: str = "ucofia", num_videos: int = 8, num_frames: int = 4, s
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tvr_models.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=["ts2net", "ucofia", "tokenbinder"], default="ucofia")
+    ap.add_argument("--model", choices=["ts2net", "ucofia", "tokenbinder", "tmass"], default="ucofia")
     ap.add_argument("--clip", help="local Hugging Face CLIP directory (config, weights, tokenizer)")
     ap.add_argument("--openai-clip", help="OpenAI-format CLIP state dict (.pt) instead of --clip weights")
     ap.add_argument("--annotations", help="MSR-VTT CSV, video_id,caption CSV, or JSON")
     ap.add_argument("--videos", help="folder of videos named <video_id>.<ext>")
-    ap.add_argument("--checkpoint", help="the authors' released state dict (TS2-Net / UCoFiA); "
+    ap.add_argument("--checkpoint", help="the authors' released state dict (TS2-Net / UCoFiA / T-MASS); "
                     "TokenBinder (no released weights): a state dict saved from tvr_models")
     ap.add_argument("--keep-pretrained-shifted-attention", action="store_true",
                     help="reproduce the authors' evaluated UCoFiA: the shifted layers keep the "
@@ -225,7 +234,14 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=16, help="videos per encoding batch")
     ap.add_argument("--chunk-size", type=int, default=128, help="scoring block size")
     ap.add_argument("--hard-topk", action="store_true", help="deterministic hard top-k selection")
-    ap.add_argument("--seed", type=int, default=None, help="seed of the perturbed top-k noise")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="seed of the perturbed top-k noise (T-MASS: of the stochastic texts)")
+    ap.add_argument("--prior", choices=["uniform", "normal"], default="uniform",
+                    help="T-MASS: prior of the stochastic text (as the checkpoint was trained)")
+    ap.add_argument("--prior-std", type=float, default=1.0, help="T-MASS: std of the normal prior")
+    ap.add_argument("--legacy-leaky-scoring", action="store_true",
+                    help="T-MASS: the authors' evaluation, which leaks the ground truth "
+                         "(comparison only, never for reporting results)")
     ap.add_argument("--save-sim", help="write the similarity matrix here (torch.save)")
     ap.add_argument("--demo", action="store_true", help="generated videos + tiny random CLIP")
     args = ap.parse_args(argv)
@@ -237,6 +253,9 @@ def main(argv=None) -> int:
     for req in ("clip", "annotations", "videos"):
         if getattr(args, req) is None:
             ap.error(f"--{req} is required (or use --demo)")
+    if args.model == "tmass" and (args.bank or args.hard_topk):
+        ap.error("--bank and --hard-topk are UCoFiA/TS2-Net options: T-MASS has no text bank "
+                 "and no token selection")
     from .checkpoints import load_official_checkpoint
     from .clip import CLIPBackbone
     from .tokenizer import ClipTokenizer
@@ -244,7 +263,9 @@ def main(argv=None) -> int:
         backbone = CLIPBackbone.from_openai_state_dict(torch.load(args.openai_clip, map_location="cpu"))
     else:
         backbone = CLIPBackbone.from_pretrained(args.clip)
-    model = build_model(args.model, backbone, args.frames, args.max_words)
+    tmass = dict(prior=args.prior, std=args.prior_std, legacy_leaky_scoring=args.legacy_leaky_scoring)
+    model = build_model(args.model, backbone, args.frames, args.max_words,
+                        **(tmass if args.model == "tmass" else {}))
     if args.checkpoint and not getattr(model, "official_checkpoint", True):
         model.load_state_dict(torch.load(args.checkpoint, map_location="cpu"))
     elif args.checkpoint:
