@@ -9,32 +9,17 @@ import tvr_kernels as tk
 from tvr_models import _ops, evaluate as E
 from tvr_models.ts2net import TS2Net, tiny_ts2net
 from tvr_models.ucofia import UCoFiA, tiny_ucofia
-from tvr_models.video import load_videos, write_test_video
+from model_inputs import generated_pairs, texts, videos
 
 T, L, VOCAB = 4, 32, 49408
 MAKERS = {"ts2net": tiny_ts2net, "ucofia": tiny_ucofia}
 
 
 def _texts(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.zeros(n, L, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i in range(n):
-        k = int(torch.randint(3, 12, (), generator=g))
-        ids[i, :k] = torch.randint(1, 400, (k,), generator=g)
-        ids[i, 0], ids[i, k - 1] = VOCAB - 2, VOCAB - 1
-        mask[i, :k] = 1
-    return ids, mask
+    return texts(n, seed)
 
 
-def _videos(n, seed=0, short=()):
-    g = torch.Generator().manual_seed(seed)
-    video = torch.randn(n, T, 3, 32, 32, generator=g)
-    mask = torch.ones(n, T, dtype=torch.long)
-    for i in short:
-        mask[i, 2:] = 0
-        video[i, 2:] = 0
-    return video, mask
+_videos = videos
 
 
 @pytest.mark.parametrize("name", ["ts2net", "ucofia"])
@@ -68,14 +53,7 @@ def test_forward_loss_backward(name):
 
 @pytest.mark.parametrize("name", ["ts2net", "ucofia"])
 def test_training_lowers_loss(name, tmp_path):
-    # 8 generated video-caption pairs, written to disk and read back by the loader
-    rng = np.random.default_rng(0)
-    ids_ = [f"v{i}" for i in range(8)]
-    for vid in ids_:
-        write_test_video(tmp_path / f"{vid}.mp4", rng.integers(0, 256, (T, 32, 64, 3), dtype=np.uint8))
-    loaded = load_videos(str(tmp_path), ids_, num_frames=T, size=32)
-    assert loaded.kept == list(range(8))
-    ids, mask = _texts(8, seed=1)
+    ids, mask, loaded = generated_pairs(tmp_path)
     torch.manual_seed(0)
     model = MAKERS[name](num_frames=T)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)

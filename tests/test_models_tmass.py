@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 
 import tvr_kernels as tk
+from model_inputs import generated_pairs
 from test_models_retrieval import L, T, _texts, _videos
 from tvr_kernels.reference.stochastic_max_similarity import authors_stochastic_text, philox_noise
 from tvr_models import evaluate as E
 from tvr_models import metrics as M
 from tvr_models.checkpoints import load_official_checkpoint
 from tvr_models.tmass import TMASS, authors_evaluation, tiny_tmass
-from tvr_models.video import load_videos, write_test_video
 
 D = 32   # the tiny CLIP's joint dim
 
@@ -158,13 +158,7 @@ def test_pooling_and_radius_follow_the_authors():
 
 
 def test_training_lowers_loss(tmp_path):
-    rng = np.random.default_rng(0)
-    ids_ = [f"v{i}" for i in range(8)]
-    for vid in ids_:
-        write_test_video(tmp_path / f"{vid}.mp4", rng.integers(0, 256, (T, 32, 64, 3), dtype=np.uint8))
-    loaded = load_videos(str(tmp_path), ids_, num_frames=T, size=32)
-    assert loaded.kept == list(range(8))
-    ids, mask = _texts(8, seed=1)
+    ids, mask, loaded = generated_pairs(tmp_path)
     torch.manual_seed(0)
     model = tiny_tmass(num_frames=T)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)

@@ -12,7 +12,7 @@ from tvr_models.checkpoints import identify_model, load_official_checkpoint
 from tvr_models.tokenbinder import TokenBinder, tiny_tokenbinder
 from tvr_models.ts2net import tiny_ts2net
 from tvr_models.ucofia import tiny_ucofia
-from tvr_models.video import load_videos, write_test_video
+from model_inputs import generated_pairs, texts, videos
 
 T, L, K = 4, 32, 3
 VOCAB = 512            # a small vocabulary keeps the optimiser step on the token embedding cheap
@@ -30,25 +30,10 @@ def _one_thread():
 
 
 def _texts(n, seed=0, max_len=12):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.zeros(n, L, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i in range(n):
-        k = int(torch.randint(3, max_len, (), generator=g))
-        ids[i, :k] = torch.randint(1, 400, (k,), generator=g)
-        ids[i, 0], ids[i, k - 1] = VOCAB - 2, VOCAB - 1
-        mask[i, :k] = 1
-    return ids, mask
+    return texts(n, seed, max_len, vocab=VOCAB)
 
 
-def _videos(n, seed=0, short=()):
-    g = torch.Generator().manual_seed(seed)
-    video = torch.randn(n, T, 3, 32, 32, generator=g)
-    mask = torch.ones(n, T, dtype=torch.long)
-    for i in short:
-        mask[i, 2:] = 0
-        video[i, 2:] = 0
-    return video, mask
+_videos = videos
 
 
 def _tiny(**kw):
@@ -127,13 +112,7 @@ def test_training_step_kernels_equal_reference():
 
 
 def test_training_lowers_loss(tmp_path):
-    rng = np.random.default_rng(0)
-    ids_ = [f"v{i}" for i in range(8)]
-    for vid in ids_:
-        write_test_video(tmp_path / f"{vid}.mp4", rng.integers(0, 256, (T, 32, 64, 3), dtype=np.uint8))
-    loaded = load_videos(str(tmp_path), ids_, num_frames=T, size=32)
-    assert loaded.kept == list(range(8))
-    ids, mask = _texts(8, seed=1)
+    ids, mask, loaded = generated_pairs(tmp_path, vocab=VOCAB)
     torch.manual_seed(0)
     model = _tiny()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
