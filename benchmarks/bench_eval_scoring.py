@@ -43,11 +43,13 @@ def _unit(*shape, device):
     return torch.nn.functional.normalize(torch.randn(*shape, device=device), dim=-1)
 
 
-def _ucofia_inputs(device):
-    return dict(sentence=_unit(N, D, device=device), words=_unit(N, L, D, device=device),
-                bank_sentence=_unit(N, D, device=device), bank_words=_unit(N, L, D, device=device),
-                video=_unit(N, D, device=device), frames=_unit(N, T, D, device=device),
-                patches=torch.randn(N, P, D, device=device) * 0.05)
+def _ucofia_inputs(n):
+    def make(device):
+        return dict(sentence=_unit(n, D, device=device), words=_unit(n, L, D, device=device),
+                    bank_sentence=_unit(n, D, device=device), bank_words=_unit(n, L, D, device=device),
+                    video=_unit(n, D, device=device), frames=_unit(n, T, D, device=device),
+                    patches=torch.randn(n, P, D, device=device) * 0.05)
+    return make
 
 
 def _ucofia_stage(sentence, words, bank_sentence, bank_words, video, frames, patches):
@@ -58,10 +60,13 @@ def _ucofia_stage(sentence, words, bank_sentence, bank_words, video, frames, pat
                           {"sentence": bank_sentence, "words": bank_words}, chunk_size=CHUNK)
 
 
-def _ts2net_inputs(device):
-    mask = torch.ones(N, T, dtype=torch.long, device=device)
-    mask[::7, 9:] = 0   # some short videos
-    return dict(sentence=torch.randn(N, D, device=device), frames=torch.randn(N, T, D, device=device), mask=mask)
+def _ts2net_inputs(n):
+    def make(device):
+        mask = torch.ones(n, T, dtype=torch.long, device=device)
+        mask[::7, 9:] = 0   # some short videos
+        return dict(sentence=torch.randn(n, D, device=device), frames=torch.randn(n, T, D, device=device),
+                    mask=mask)
+    return make
 
 
 def _ts2net_stage(sentence, frames, mask):
@@ -78,12 +83,20 @@ def _with_references(stage):
     return run
 
 
-CASES = [
-    Case(op="ucofia_eval_scoring", name=f"{N}x{N} (+{N} bank) D{D} L{L} P{P}", make_inputs=_ucofia_inputs,
-         modes=("fwd",), compile_reference=False, reference=_with_references(_ucofia_stage),
-         fused=_ucofia_stage, note="features -> similarity, Sinkhorn bias included",
-         warmup=0, min_reps=1),  # the reference stage takes minutes at 1000 x 1000
-    Case(op="ts2net_eval_scoring", name=f"{N}x{N} D{D} T{T}", make_inputs=_ts2net_inputs,
-         modes=("fwd",), compile_reference=False, reference=_with_references(_ts2net_stage),
-         fused=_ts2net_stage, note="no tvr op in this stage: fused == reference (a floor check)"),
-]
+def _cases(n, shapes):
+    big = n * n > 128 * 128
+    return [
+        Case(op="ucofia_eval_scoring", name=f"{n}x{n} (+{n} bank) D{D} L{L} P{P}", make_inputs=_ucofia_inputs(n),
+             modes=("fwd",), compile_reference=False, reference=_with_references(_ucofia_stage),
+             fused=_ucofia_stage, note="features -> similarity, Sinkhorn bias included",
+             warmup=0 if big else 1, min_reps=1 if big else 3, shapes=shapes,
+             heavy=("reference",) if big else (),   # minutes per call at 1000 x 1000
+             reference_sources=("tvr_models",)),
+        Case(op="ts2net_eval_scoring", name=f"{n}x{n} D{D} T{T}", make_inputs=_ts2net_inputs(n),
+             modes=("fwd",), compile_reference=False, reference=_with_references(_ts2net_stage),
+             fused=_ts2net_stage, note="no tvr op in this stage: fused == reference (a floor check)",
+             shapes=shapes, reference_sources=("tvr_models",)),
+    ]
+
+
+CASES = _cases(N, ("paper",)) + _cases(16, ("small",))

@@ -29,9 +29,11 @@ def _weight(n, device):
     return torch.eye(n, device=device) + 0.02 * torch.randn(n, n, device=device)
 
 
-def _isa_inputs(device):
-    return dict(sim=0.25 + 0.03 * torch.randn(1000, 1000, 12, device=device),
-                weight=_weight(12, device), dim=-1, tau=0.01)
+def _isa_inputs(nt, nv, t):
+    def make(device):
+        return dict(sim=0.25 + 0.03 * torch.randn(nt, nv, t, device=device),
+                    weight=_weight(t, device), dim=-1, tau=0.01)
+    return make
 
 
 def _bi_inputs(Bt, Bv, L=32, P=48, D=512):
@@ -56,12 +58,17 @@ def _reference_by_text_chunks(words, patches, word_weight, patch_weight, word_we
 _BI_GRADS = ("words", "patches", "word_weight", "patch_weight", "word_weight2", "patch_weight2")
 
 CASES = [
-    Case(op="isa", name="frames [1000,1000,12] f32 dim=-1", make_inputs=_isa_inputs,
+    Case(op="isa", name="frames [1000,1000,12] f32 dim=-1", make_inputs=_isa_inputs(1000, 1000, 12),
          grad_args=("sim", "weight"), modes=("fwd", "fwd+bwd"), denormals=True),
     Case(op="bi_isa", name="train Bt=Bv=64 L=32 P=48 D=512", make_inputs=_bi_inputs(64, 64),
          grad_args=_BI_GRADS, modes=("fwd", "fwd+bwd"), denormals=True),
     Case(op="bi_isa", name="eval 1000x1000 L=32 P=48 D=512", make_inputs=_bi_inputs(1000, 1000),
          modes=("fwd",), reference=_reference_by_text_chunks, compile_reference=False,
          note=f"reference chunked by {EVAL_TEXT_CHUNK} texts (unchunked G: 6.1 GB)",
-         warmup=0, min_reps=1, denormals=True),  # the reference takes about a minute per call here
+         warmup=0, min_reps=1, denormals=True,
+         heavy=("reference", "reference_ftz")),  # about a minute per call each
+    Case(op="isa", name="frames [30,20,12] f32 dim=-1", make_inputs=_isa_inputs(30, 20, 12),
+         grad_args=("sim", "weight"), modes=("fwd", "fwd+bwd"), shapes=("small",)),
+    Case(op="bi_isa", name="Bt=6 Bv=5 L=8 P=12 D=64", make_inputs=_bi_inputs(6, 5, L=8, P=12, D=64),
+         grad_args=_BI_GRADS, modes=("fwd", "fwd+bwd"), shapes=("small",)),
 ]

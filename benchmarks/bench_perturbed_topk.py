@@ -13,8 +13,10 @@ from tvr_kernels.reference import perturbed_topk as ref_topk
 from benchmarks.common import Case
 
 
-def _inputs(device):
-    return dict(scores=torch.randn(192, 49, device=device), k=3, num_samples=500, sigma=0.05)
+def _inputs(b, d, k, num_samples):
+    def make(device):
+        return dict(scores=torch.randn(b, d, device=device), k=k, num_samples=num_samples, sigma=0.05)
+    return make
 
 
 def _authors(scores, k, num_samples, sigma):
@@ -38,12 +40,15 @@ def _fused_full(scores, k, num_samples, sigma):
 
 
 CASES = [
-    Case(op="perturbed_topk", name="[192,49] k=3 S=500 sigma=0.05", make_inputs=_inputs,
+    Case(op="perturbed_topk", name="[192,49] k=3 S=500 sigma=0.05", make_inputs=_inputs(192, 49, 3, 500),
          grad_args=("scores",), modes=("fwd", "fwd+bwd"), reference=_authors, fused=_fused,
          note="reference draws torch.normal noise (the authors'); fused backends use seed=0"),
     # The full estimator's backward walks the samples again (noise redrawn, selections redone).
     Case(op="perturbed_topk", name="[192,49] k=3 S=500 sigma=0.05 gradient=full",
-         make_inputs=_inputs, grad_args=("scores",), modes=("fwd+bwd",),
+         make_inputs=_inputs(192, 49, 3, 500), grad_args=("scores",), modes=("fwd+bwd",),
          reference=_reference_full, fused=_fused_full,
          note="full estimator; reference: its eager formula on torch.normal noise"),
+    Case(op="perturbed_topk", name="[6,20] k=3 S=50 sigma=0.05", make_inputs=_inputs(6, 20, 3, 50),
+         grad_args=("scores",), modes=("fwd", "fwd+bwd"), reference=_authors, fused=_fused,
+         shapes=("small",)),
 ]

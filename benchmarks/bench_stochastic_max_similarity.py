@@ -13,11 +13,9 @@ and blocks of texts (``_plain``): it draws the uniforms with ``torch.rand`` as t
 (the reference module's bit-compatible Philox transcription in int64 arithmetic is far slower
 still and is a test vehicle). ``compile`` is ``torch.compile`` of ``_plain``.
 
-``TMASS_BENCH_CASES=small`` keeps only the 128 x 128 case (the 1000 x 1000 eager reference
-needs minutes per call on a small CPU).
+At 1000 x 1000 the eager reference needs minutes per call on a small CPU: it is a heavy
+provider (run by ``--shapes large``; the default run reuses its recorded figure).
 """
-import os
-
 import torch
 
 from benchmarks.common import Case
@@ -80,16 +78,15 @@ def _fused(text, frames, pooled_chunk, radius_weight, radius_bias):
     return torch.cat(cols, dim=1)
 
 
-def _case(Nt, Nv):
+def _case(Nt, Nv, shapes=("paper",)):
     big = Nt * Nv > 128 * 128
     # At 1000 x 1000 the eager reference takes minutes per call: one untimed-warm-up-free
     # call is measured, and torch.compile (which would unroll the chunk loops) is skipped.
     return Case(op="stochastic_max_similarity", name=f"{Nt}x{Nv} T={T} D={D} M={M} f32",
                 make_inputs=_inputs(Nt, Nv), modes=("fwd",), reference=_plain, fused=_fused,
                 note=f"chunks of {CHUNK} videos; reference draws with torch.rand",
-                compile_reference=not big, warmup=0 if big else 3, min_reps=1 if big else 5)
+                compile_reference=not big, warmup=0 if big else 3, min_reps=1 if big else 5,
+                heavy=("reference",) if big else (), shapes=shapes)
 
 
-CASES = [_case(128, 128)]
-if os.environ.get("TMASS_BENCH_CASES", "") != "small":
-    CASES.append(_case(1000, 1000))
+CASES = [_case(128, 128), _case(1000, 1000), _case(8, 6, ("small",))]

@@ -102,11 +102,12 @@ def _ours(text, frames, model):
     return score_features(model, {"text": text}, {"frames": frames}, chunk_size=CHUNK)
 
 
-def _case(n):
+def _case(n, shapes=("paper",)):
     return Case(op="tmass_eval_scoring", name=f"{n}x{n} D{D} T{T} M{M}", make_inputs=_inputs(n),
                 modes=("fwd",), compile_reference=False, reference=_authors, fused=_ours,
                 note="reference = the authors' eager evaluation; fused = ours (chunked, op 5)",
-                warmup=0, min_reps=1)
+                warmup=0, min_reps=1, shapes=shapes, reference_sources=("tvr_models",),
+                heavy=("reference",) if n > 16 else ())   # minutes per call from N = 200
 
 
-CASES = [_case(N_SMALL), _case(N_LARGE)]
+CASES = [_case(N_SMALL), _case(N_LARGE), _case(8, ("small",))]

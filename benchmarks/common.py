@@ -1,25 +1,26 @@
 """What a benchmark case is, and how one provider of one case is measured.
 
-A case names an op, its inputs at one shape, and its modes. Providers are:
-``reference`` (eager pure-PyTorch reference), ``compile`` (``torch.compile`` of the
-reference), ``reference_ftz`` (the eager reference with ``torch.set_flush_denormal(True)``, for
-cases marked ``denormals=True``: on x86 CPUs the authors' tau = 0.01 softmaxes produce
+A case names an op, its inputs at one shape, its modes and the shape sets that list it.
+Providers are: ``reference`` (eager pure-PyTorch reference), ``compile`` (``torch.compile`` of
+the reference), ``reference_ftz`` (the eager reference with ``torch.set_flush_denormal(True)``,
+for cases marked ``denormals=True``: on x86 CPUs the authors' tau = 0.01 softmaxes produce
 denormals whose microcode assists can dominate the reference's time; the fused CPU kernels
 flush them (csrc/include/tvr/fp_env.h), so both comparisons are reported), each fused
-backend that can run here (``cpp``, ``triton``, ``cuda``), and any baselines the case adds
-(e.g. ``copy`` = one read and one write of the same tensor).
+backend that can run here (``cpp``, ``triton``, ``cuda``), ``copy`` for cases that declare
+their traffic (one clone moving the same bytes: the bandwidth floor), and any baselines the
+case adds.
 
-Each (case, mode, provider) runs in a fresh process so that peak memory is measured, not
-estimated. On CPU, one call after the warm-up is measured for memory: glibc's mmap threshold
-is pinned (run.py starts the worker with ``MALLOC_MMAP_THRESHOLD_``) so every large buffer is
-a fresh mapping that counts, and the peak RSS (``VmHWM``, reset through
-``/proc/self/clear_refs``) is read above the RSS before that call. The allocator is then put
-back to glibc's steady state (large buffers reused from the heap, ``mallopt``) and warmed by
-one more call before the timed calls: timing under the pinned threshold would charge a page
-fault per touched page to every large temporary, slowing the references' 25 MB
-intermediates by up to 2x. Cases with ``warmup=0`` (minute-long reference calls, where page
-faults are noise) count the memory call as their first timed call. On CUDA the peak is
-``torch.cuda.max_memory_allocated`` over the timed calls, above what the inputs hold.
+Each (case, mode, provider) runs in a fresh process (run.py) so that peak memory is
+measured, not estimated. On CPU, one call after the warm-up is measured for memory: glibc's
+mmap threshold is pinned (``mallopt``) so every large buffer is a fresh mapping that counts,
+and the peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs``) is read above the RSS
+before that call. The allocator is then put back to glibc's steady state (large buffers
+reused from the heap) and warmed by one more call before the timed calls: timing under the
+pinned threshold would charge a page fault per touched page to every large temporary,
+slowing the references' 25 MB intermediates by up to 2x. Cases with ``warmup=0``
+(minute-long reference calls, where page faults are noise) count the memory call as their
+first timed call. On CUDA the peak is ``torch.cuda.max_memory_allocated`` over one call above
+what the inputs hold, and the times are ``triton.testing.do_bench``'s quantiles.
 """
 from __future__ import annotations
 
@@ -57,6 +58,20 @@ class Case:
     min_reps: int = 5
     # Also time the reference with denormals flushed (provider reference_ftz, CPU only).
     denormals: bool = False
+    # Shape sets that list this case: "small" (seconds; --shapes small and pytest-benchmark),
+    # "paper" (the papers' shapes: the default run), "large" (only --shapes large, which also
+    # runs every "paper" case).
+    shapes: tuple[str, ...] = ("paper",)
+    # Providers that take minutes per call at this shape (the 1000 x 1000 eager references):
+    # they run under --shapes large; the default run reuses their last recorded figure for the
+    # same device, thread count and reference commit (see records.reference_commit).
+    heavy: tuple[str, ...] = ()
+    # Bytes the op must move in a mode (inputs read once, outputs written once): gives GB/s
+    # and the ``copy`` baseline, a clone moving the same bytes, for the memory-bound ops.
+    traffic: Callable[[dict, str], int] | None = None
+    # Paths besides tvr_kernels/reference/<op>.py and the bench module whose last commit keys
+    # a recorded reference figure (e.g. tvr_models for the model stages).
+    reference_sources: tuple[str, ...] = ()
 
 
 def _outputs(out) -> list[torch.Tensor]:
@@ -77,6 +92,8 @@ def provider_fn(case: Case, provider: str, inputs: dict) -> Callable[[], Any]:
     if provider in case.baselines:
         f = case.baselines[provider](inputs)
         return lambda: f(**inputs)
+    if provider == "copy":
+        raise ValueError("the copy baseline is built by measure(), which knows the mode")
     fused = case.fused or getattr(tk, case.op)
 
     def run():
@@ -117,6 +134,12 @@ def _mallopt(param: int, value: int) -> bool:
         return False
 
 
+def pin_malloc() -> bool:
+    """Every buffer of 64 KiB or more a fresh mapping, freed memory returned at once: what a
+    process started with ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0`` has."""
+    return _mallopt(_M_MMAP_THRESHOLD, 65536) and _mallopt(_M_TRIM_THRESHOLD, 0)
+
+
 def _unpin_malloc() -> None:
     """glibc's steady state: its dynamic mmap threshold tops out at 32 MiB, freed heap kept."""
     _mallopt(_M_MMAP_THRESHOLD, 32 << 20)
@@ -127,7 +150,7 @@ def _cpu_peak(step: Callable[[], Any]) -> tuple[float, float]:
     """(peak RSS in MiB above the current RSS over one call of ``step``, its time in ms).
     Memory is NaN where it cannot be measured (no clear_refs, or glibc not pinnable)."""
     gc.collect()
-    pinned = _mallopt(_M_MMAP_THRESHOLD, 65536) and _mallopt(_M_TRIM_THRESHOLD, 0)
+    pinned = pin_malloc()
     have_reset = pinned and _reset_peak_rss()
     base = _rss_kb("VmRSS")
     t0 = time.perf_counter()
@@ -136,75 +159,106 @@ def _cpu_peak(step: Callable[[], Any]) -> tuple[float, float]:
     return (max(0, _rss_kb("VmHWM") - base) / 1024 if have_reset else float("nan")), ms
 
 
-def measure(case: Case, mode: str, provider: str, device: str, min_time: float = 1.0,
-            max_reps: int = 50, min_reps: int = 5) -> dict:
-    """Median / p20 / p80 time in ms and peak extra memory in MiB of one provider."""
-    if provider == "reference_ftz":
-        # Before anything starts the intra-op threads, which inherit the flag from this one.
-        torch.set_flush_denormal(True)
+def _copy_step(case: Case, mode: str, inputs: dict, device: str) -> Callable[[], Any]:
+    """The ``copy`` baseline: one clone reading and writing ``traffic(mode)`` bytes in all."""
+    nbytes = case.traffic(inputs, mode)
+    buf = torch.empty(max(1, nbytes // 8), dtype=torch.float32, device=device).normal_()
+    return lambda: buf.clone()
+
+
+def make_step(case: Case, mode: str, provider: str, device: str) -> tuple[Callable[[], Any], dict]:
+    """(one call of ``provider`` on ``case`` in ``mode``, the inputs it runs on). Inputs come
+    from seed 0; ``bwd`` runs one forward here and times the backward alone."""
     torch.manual_seed(0)
     inputs = case.make_inputs(device)
     for k in case.grad_args:
-        inputs[k] = inputs[k].detach().requires_grad_(mode != "fwd")
+        inputs[k] = inputs[k].detach().requires_grad_(mode != "fwd" and provider != "copy")
+    if provider == "copy":
+        return _copy_step(case, mode, inputs, device), inputs
     fn = provider_fn(case, provider, inputs)
     grads: list[torch.Tensor] | None = None
+
+    def clear():
+        for k in case.grad_args:
+            inputs[k].grad = None
+
+    if mode == "bwd":
+        # One forward outside the clock, its graph retained.
+        outs = _outputs(fn())
+        grads = [torch.randn_like(o) for o in outs]
+
+        def backward():
+            torch.autograd.backward(outs, grads, retain_graph=True)
+            clear()
+        return backward, inputs
 
     def step():
         nonlocal grads
         if mode == "fwd":
             with torch.no_grad() if not case.grad_args else torch.enable_grad():
                 return fn()
-        out = fn()
-        outs = _outputs(out)
+        outs = _outputs(fn())
         if grads is None:
             grads = [torch.randn_like(o) for o in outs]
         torch.autograd.backward(outs, grads)
-        for k in case.grad_args:
-            inputs[k].grad = None
+        clear()
         return None
+    return step, inputs
 
-    if mode == "bwd":
-        # Time the backward alone: one forward outside the clock, graph retained.
-        out = fn()
-        outs = _outputs(out)
-        grads = [torch.randn_like(o) for o in outs]
 
-        def step():  # noqa: F811
-            torch.autograd.backward(outs, grads, retain_graph=True)
-            for k in case.grad_args:
-                inputs[k].grad = None
-
+def measure(case: Case, mode: str, provider: str, device: str, min_time: float = 1.0,
+            max_reps: int = 50, min_reps: int = 5) -> dict:
+    """Median / p20 / p80 time in ms, peak extra memory in MiB and thread count of one
+    provider (``bytes``: the case's traffic in this mode, when it declares one)."""
+    if provider == "reference_ftz":
+        # Before anything starts the intra-op threads, which inherit the flag from this one.
+        torch.set_flush_denormal(True)
+    step, inputs = make_step(case, mode, provider, device)
     for _ in range(max(case.warmup, 1 if provider == "compile" else 0)):  # warm-up, compilation
         step()
     _sync(device)
-
-    times = []
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        peak_mb, first_ms = _cpu_peak(step)
-        _unpin_malloc()
-        if case.warmup > 0:
-            step()  # the heap grows to hold one call's buffers, as in a user's loop
-        else:
-            times.append(first_ms)
     min_reps = min(min_reps, case.min_reps)
-    t_end = time.perf_counter() + min_time
-    while len(times) < min_reps or (time.perf_counter() < t_end and len(times) < max_reps):
-        if device == "cuda":
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            stop.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(stop))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
     if device == "cuda":
-        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        out = _cuda_times(step, min_time)
+    else:
+        out = _cpu_times(step, case.warmup > 0, min_time, min_reps, max_reps)
+    out["threads"] = torch.get_num_threads()
+    if case.traffic is not None:
+        out["bytes"] = case.traffic(inputs, mode)
+    return out
+
+
+def _cuda_times(step, min_time: float) -> dict:
+    """Peak memory of one call above what is allocated before it, then the timed calls:
+    ``triton.testing.do_bench`` (L2 flushed between calls, CUDA events) for the quantiles."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak_mb = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    from triton.testing import do_bench
+    rep_ms = max(1.0, min_time * 1e3)
+    med, p20, p80 = do_bench(step, warmup=max(1.0, rep_ms / 4), rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+    # do_bench sizes its own repetitions from rep_ms; it does not return their count.
+    return {"median_ms": med, "p20_ms": p20, "p80_ms": p80, "peak_mb": peak_mb, "reps": None}
+
+
+def _cpu_times(step, warm: bool, min_time: float, min_reps: int, max_reps: int) -> dict:
+    """Peak RSS of one call (see the module docstring), then wall-clock timed calls."""
+    times = []
+    t_end = time.perf_counter() + min_time   # a cold case's memory call counts as timed
+    peak_mb, first_ms = _cpu_peak(step)
+    _unpin_malloc()
+    if warm:
+        step()  # the heap grows to hold one call's buffers, as in a user's loop
+        t_end = time.perf_counter() + min_time
+    else:
+        times.append(first_ms)
+    while len(times) < min_reps or (time.perf_counter() < t_end and len(times) < max_reps):
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
     q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
     return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3],
             "peak_mb": peak_mb, "reps": len(times)}

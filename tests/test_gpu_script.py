@@ -37,7 +37,7 @@ def test_dry_run(tmp_path):
         assert step in text, step
     assert "pip install --no-index --no-build-isolation --no-deps -e ." in text
     assert "-m pytest -q tests" in text and " tests collected" in text
-    assert "-m benchmarks.run --device cuda --min-time" in text
+    assert "-m benchmarks --device cuda --shapes paper --min-time" in text
     assert f"--csv {out}/results.csv" in text
     assert "FAILED" not in text
     assert not out.exists(), "a dry run writes nothing"
@@ -59,7 +59,7 @@ case "$*" in
   *build_ext*) echo "built in place"; exit 0 ;;
   *bench_modules*) printf 'token_shift\\nsinkhorn_knopp\\n' ;;
   *"-m pytest"*) echo "pytest $*"; exit "${FAKE_TEST_RC:-0}" ;;
-  *"-m benchmarks.run"*) echo "bench $*" ;;
+  *"-m benchmarks --"*) echo "bench $*" ;;
   *) echo "python $1" ;;
 esac
 """
