@@ -36,18 +36,19 @@ class PerturbedTopK(nn.Module):
     float32 one-hot ``[b, S, k, d]``, for the backward (56 MB at b = 192).
 
     * ``"philox"`` (default): the noise is drawn inside the kernel from a counter-based Philox
-      stream whose seed is one draw from torch's default generator per call. Nothing of size
-      ``b*S*d`` is drawn, copied or stored. ``torch.manual_seed`` makes a run reproducible
-      exactly as with the authors' class (every call consumes the generator, so calls and
-      epochs get fresh noise), but the noise values are not the authors' values: a run is not
-      bit-identical to the same seed under the authors' class, only equal in distribution.
-      That is what training wants (same estimator, same reproducibility, less time and
-      memory), hence the default.
-    * ``"torch"``: the authors' draw, to the bit: same ``torch.normal`` call from the same
-      generator, so with the same ``torch.manual_seed`` the indicators equal the authors'
-      exactly and every later random number (dropout, ...) is the one the authors' run gets.
-      Use it to reproduce a published run or to compare against the authors' class. The
-      kernels still save nothing of size ``b*S*k*d`` (the backward keeps ``[b, k, d]``).
+      stream whose seed is one draw per call from torch's default CPU generator (the one the
+      authors draw from, whatever the device). Nothing of size ``b*S*d`` is drawn, copied or
+      stored. ``torch.manual_seed`` makes a run reproducible exactly as with the authors'
+      class (every call consumes the generator, so calls and epochs get fresh noise), but
+      the noise values are not the authors' values: a run is not bit-identical to the same
+      seed under the authors' class, only equal in distribution. That is what training wants
+      (same estimator, same reproducibility, less time and memory), hence the default.
+    * ``"torch"``: the authors' draw, to the bit: the same ``torch.normal`` call on the same
+      generator, so under the same ``torch.manual_seed`` the indicators equal the authors'
+      exactly (gradients up to summation order) and every later random number (dropout, ...)
+      is the one the authors' run gets. Use it to reproduce a published run or to compare
+      against the authors' class. The kernels still save nothing of size ``b*S*k*d`` (the
+      backward keeps ``[b, k, d]``).
 
     Differences from the authors': scores in float16/bfloat16 are perturbed in float32 (the
     authors perturb in the scores' dtype); bad arguments raise ``ValueError``/``TypeError``
