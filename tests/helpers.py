@@ -20,3 +20,15 @@ def randn(*shape, dtype=torch.float32, device="cpu", requires_grad=False, scale=
     """Fresh random input; never zeros or constants."""
     x = torch.randn(*shape, device=device, dtype=torch.float32) * scale
     return x.to(dtype).requires_grad_(requires_grad)
+
+
+def authors_sinkhorn(logits: torch.Tensor, n_iters: int):
+    """UCoFiA's probability-domain Sinkhorn iteration as in SPEC 4, unrescaled (the authors'
+    row sums 1): ``(row_bias, col_bias)``."""
+    m = logits.max()
+    K = torch.exp(logits - m)
+    b = 1 / K.sum(0)
+    for _ in range(n_iters):
+        a = 1 / (K @ b)
+        b = 1 / (a @ K)
+    return torch.log_softmax(torch.log(a), 0), torch.log_softmax(torch.log(b) - m, 0)

@@ -11,7 +11,7 @@ from tvr_kernels.ops.sinkhorn_knopp import NONFINITE_MESSAGE
 from tvr_kernels.reference import sinkhorn_knopp as ref_sk
 
 from conftest import DEVICES, fused_backends
-from helpers import close
+from helpers import authors_sinkhorn as _authors, close
 
 SHAPES = [(1, 1), (7, 3), (45, 13), (3, 100), (64, 37)]
 ITERS = [1, 2, 4, 7]
@@ -337,17 +337,6 @@ def test_nonfinite_logits(bad, log_domain):
 # Nq = Nv: their scalings drift by Nq / Nv per iteration and overflow on long or very
 # non-square runs. Every backend asks for row sums Nv / Nq instead (reference module
 # docstring): the same biases, finite for any number of iterations.
-
-
-def _authors(logits, n_iters):
-    """The authors' probability-domain iteration as in SPEC 4, unrescaled."""
-    m = logits.max()
-    K = torch.exp(logits - m)
-    b = 1 / K.sum(0)
-    for _ in range(n_iters):
-        a = 1 / (K @ b)
-        b = 1 / (a @ K)
-    return torch.log_softmax(torch.log(a), 0), torch.log_softmax(torch.log(b) - m, 0)
 
 
 @contextlib.contextmanager

@@ -51,6 +51,7 @@ import math
 
 import torch
 from torch import Tensor, nn
+from tvr_kernels.compat.tmass import caption_slots
 
 from . import _ops
 from ._modules import RetrievalModel, scale, symmetric_cross_entropy
@@ -204,17 +205,6 @@ class StochasticText(nn.Module):
         radius = self.std_branch(text, frames)
         eps = self.sample_prior(text) if noise is None else noise
         return text + eps * radius, radius
-
-
-def caption_slots(text_to_video: Tensor, num_videos: int) -> tuple[Tensor, int]:
-    """``(slot [Nt], K)``: each text's place among its video's captions, in text order (the
-    authors' grouping of captions per video), and the most captions of one video."""
-    counts = torch.bincount(text_to_video, minlength=num_videos)
-    order = torch.argsort(text_to_video, stable=True)
-    first = torch.cumsum(counts, 0) - counts
-    slot = torch.empty_like(text_to_video)
-    slot[order] = torch.arange(len(text_to_video), device=slot.device) - first[text_to_video[order]]
-    return slot, (int(counts.max()) if len(text_to_video) else 0)
 
 
 def _check_choice(name, value, choices):
