@@ -83,6 +83,11 @@ def _with_references(stage):
     return run
 
 
+def _sources(model):
+    """The model code the reference stage runs: its scoring head and the evaluation driver."""
+    return (f"tvr_models/{model}.py", "tvr_models/_modules.py", "tvr_models/_ops.py", "tvr_models/evaluate.py")
+
+
 def _cases(n, shapes):
     big = n * n > 128 * 128
     return [
@@ -91,11 +96,11 @@ def _cases(n, shapes):
              fused=_ucofia_stage, note="features -> similarity, Sinkhorn bias included",
              warmup=0 if big else 1, min_reps=1 if big else 3, shapes=shapes,
              heavy=("reference",) if big else (),   # minutes per call at 1000 x 1000
-             reference_sources=("tvr_models",)),
+             reference_sources=_sources("ucofia")),
         Case(op="ts2net_eval_scoring", name=f"{n}x{n} D{D} T{T}", make_inputs=_ts2net_inputs(n),
              modes=("fwd",), compile_reference=False, reference=_with_references(_ts2net_stage),
              fused=_ts2net_stage, note="no tvr op in this stage: fused == reference (a floor check)",
-             shapes=shapes, reference_sources=("tvr_models",)),
+             shapes=shapes, reference_sources=_sources("ts2net")),
     ]
 
 

@@ -103,7 +103,7 @@ def _all_pairs(**inputs):
 def _case(op, name, nt, nv, baselines, **kw):
     return Case(op=op, name=name, make_inputs=_inputs(nt, nv), modes=("fwd",), backends=(),
                 compile_reference=False, reference=_two_stage, baselines=baselines,
-                reference_sources=("tvr_models",), **kw)
+                reference_sources=("tvr_models/tokenbinder.py", "tvr_models/evaluate.py"), **kw)
 
 
 _STAGE1 = {"stage1_only": lambda inputs: _stage1_only}

@@ -37,6 +37,11 @@ import torch
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 
+class SkipCase(Exception):
+    """A provider that cannot run here (e.g. the memory it needs is not free): the runner
+    reports it as skipped, with this message, not as a failure."""
+
+
 @dataclasses.dataclass
 class Case:
     op: str                                   # name in tvr_kernels and tvr_kernels.reference

@@ -33,6 +33,7 @@ import sys
 import time
 
 from benchmarks import records
+from benchmarks.common import SkipCase, measure
 
 HERE = pathlib.Path(__file__).resolve().parent
 SHAPES = ("small", "paper", "large")
@@ -54,11 +55,12 @@ def in_shape_set(case, shapes: str) -> bool:
 
 def _worker(module: str, index: int, mode: str, provider: str, device: str, min_time: float,
             quick: bool) -> None:
-    from benchmarks.common import measure
-
     case = load_cases(module)[index]
     kw = dict(QUICK) if quick else {"min_time": min_time}
-    print("RESULT " + json.dumps(measure(case, mode, provider, device, **kw)))
+    try:
+        print("RESULT " + json.dumps(measure(case, mode, provider, device, **kw)))
+    except SkipCase as e:
+        print("SKIP " + str(e).replace("\n", " "))
 
 
 def providers(case, device: str, allow_compile: bool) -> list[str]:
@@ -132,7 +134,11 @@ def _measure(item: Item, device: str, min_time: float, quick: bool, env: dict) -
     if quick:
         cmd.append("--quick")
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE.parent)
-    line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
+    lines = res.stdout.splitlines()
+    skip = [ln[5:] for ln in lines if ln.startswith("SKIP ")]
+    if skip:
+        return None, "skipped: " + skip[0]
+    line = [ln for ln in lines if ln.startswith("RESULT ")]
     if res.returncode != 0 or not line:
         return None, (res.stderr.strip().splitlines() or ["?"])[-1]
     return json.loads(line[0][7:]), ""
@@ -147,9 +153,10 @@ def _measure_forked(item: Item, min_time: float, quick: bool) -> tuple[dict | No
         try:
             import torch._inductor.config as inductor_config
             inductor_config.compile_threads = 1   # no compile-worker pool outliving the child
-            from benchmarks.common import measure
             kw = dict(QUICK) if quick else {"min_time": min_time}
             payload = {"result": measure(item.case, item.mode, item.provider, "cpu", **kw)}
+        except SkipCase as e:
+            payload = {"skip": str(e)}
         except BaseException as e:  # noqa: BLE001 - reported to the parent
             payload, code = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}, 1
         with os.fdopen(write_fd, "w") as f:
@@ -164,6 +171,8 @@ def _measure_forked(item: Item, min_time: float, quick: bool) -> tuple[dict | No
     if not data:
         return None, f"the measuring process died (wait status {status}: killed for memory?)"
     payload = json.loads(data)
+    if "skip" in payload:
+        return None, "skipped: " + payload["skip"]
     return payload.get("result"), payload.get("error", "")
 
 
@@ -267,6 +276,9 @@ def _run(items: list[Item], device: str, args) -> int:
             r, err = _measure(item, device, args.min_time, args.quick, env)
             walls.append(time.perf_counter() - t0)
             if r is None:
+                if err.startswith("skipped: "):
+                    print(f"[{n + 1}/{len(items)}] {_label(item)}: {err}", flush=True)
+                    continue
                 failed += 1
                 print(f"[{n + 1}/{len(items)}] {_label(item)}: FAILED ({err})", flush=True)
                 continue
