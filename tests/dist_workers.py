@@ -43,6 +43,7 @@ def _entry(rank: int, fn, world: int, port: int, args: tuple) -> None:
 
 def run_ranks(fn, *args, world: int = 2, timeout: float = 60.0) -> None:
     """``fn(rank, *args)`` on ``world`` forked processes; raises on a rank's error or timeout."""
+    make_model("tmass")          # transformers' lazy imports, once here rather than in each rank
     ctx = mp.start_processes(_entry, args=(fn, world, free_port(), args), nprocs=world,
                              join=False, start_method="fork")
     deadline = time.monotonic() + timeout
@@ -88,7 +89,7 @@ def make_model(name: str, seed: int = 0):
 # ------------------------------------------------------------------------------ rank bodies
 def loss_and_grads(rank: int, names, sizes, out_dir: str) -> None:
     """Per model: the loss of this rank's pairs (gathered) and the parameter gradients, raw
-    and after one DDP-averaged AdamW step."""
+    and after one DDP-averaged SGD step."""
     from torch.nn.parallel import DistributedDataParallel as DDP
     b = batch(sum(sizes), seed=1)
     mine = split(b, sizes)[rank]
@@ -101,7 +102,9 @@ def loss_and_grads(rank: int, names, sizes, out_dir: str) -> None:
         grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
         model.zero_grad()
         ddp = DDP(model, find_unused_parameters=True)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        # plain SGD: the step is the gradient itself (Adam would turn rounding-level
+        # differences of near-zero gradients into whole steps)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
         ddp(*mine, loss_seed=loss_seed).backward()
         opt.step()
         result[name] = {"loss": loss.detach(), "grads": grads,
@@ -122,3 +125,83 @@ def one_process_loss(model, parts, seed: int, step: int):
     cat = [{k: torch.cat([f[i][k] for f in feats]) for k in feats[0][i]} for i in range(2)]
     with D.shared_rng(D.derive_seed(seed, "loss", step)):
         return model.loss(*cat)
+
+
+# ------------------------------------------------------------------------------ evaluation
+NUM_VIDEOS, VIDEO_BATCH, CHUNK = 7, 2, 4
+TEXT_TO_VIDEO = [0, 1, 2, 2, 3, 4, 5, 6, 6]       # two videos with two captions
+
+
+def eval_inputs():
+    """Texts [9], videos [7] (one short), a bank of 5 texts."""
+    ids, mask = texts(len(TEXT_TO_VIDEO), seed=2)
+    video, vmask = videos(NUM_VIDEOS, seed=3, short=(4,))
+    bank_ids, bank_mask = texts(5, seed=4)
+    return ids, mask, video, vmask, bank_ids, bank_mask
+
+
+def eval_model(name: str):
+    model = make_model(name)
+    model.set_selection(seed=3)
+    return model.eval()
+
+
+def sharded_eval(rank: int, names, out_dir: str) -> None:
+    """Each model's sharded evaluation (whole matrix and top-k modes) of :func:`eval_inputs`."""
+    from tvr_models.sharded import evaluate_sharded, gallery_shard
+    ids, mask, video, vmask, bank_ids, bank_mask = eval_inputs()
+    a, b = gallery_shard(NUM_VIDEOS, VIDEO_BATCH, CHUNK)
+    assert (a, b) == ((0, 4), (4, 7))[rank]
+    result = {}
+    for name in names:
+        model = eval_model(name)
+        bank = (bank_ids, bank_mask) if name == "ucofia" else (None, None)
+        kw = dict(text_batch=4, video_batch=VIDEO_BATCH, chunk_size=CHUNK)
+        full = evaluate_sharded(model, ids, mask, video[a:b], vmask[a:b], a, NUM_VIDEOS,
+                                torch.tensor(TEXT_TO_VIDEO), *bank, **kw)
+        top = evaluate_sharded(model, ids, mask, video[a:b], vmask[a:b], a, NUM_VIDEOS,
+                               torch.tensor(TEXT_TO_VIDEO), *bank, topk=3, **kw)
+        assert full["metrics"] == top["metrics"], (name, full["metrics"], top["metrics"])
+        result[name] = {"sim": full["sim"], "metrics": full["metrics"], "topk": top["topk"]}
+    if rank == 0:
+        torch.save(result, os.path.join(out_dir, "sharded.pt"))
+
+
+def gallery_with_a_broken_video(rank: int, video_dir: str, out_dir: str) -> None:
+    """``evaluate.run`` on a folder whose last video (on rank 1's part) is corrupt."""
+    import warnings
+
+    from tvr_models.evaluate import demo_tokenizer, run
+    from tvr_models.ts2net import TINY_CLIP
+    model = eval_model("ts2net")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = run(model, demo_tokenizer(TINY_CLIP["vocab_size"]), os.path.join(video_dir, "ann.csv"),
+                  video_dir, FRAMES, 32, video_batch=2, chunk_size=2, progress=False)
+    reported = [str(w.message) for w in seen if "skipping video" in str(w.message)]
+    torch.save({"out": out, "warned": reported}, os.path.join(out_dir, f"run{rank}.pt"))
+
+
+# ------------------------------------------------------------------------------ training
+def train_run(data_dir: str, model_name: str, out_dir: str | None = None, resume: str | None = None,
+              max_steps: int | None = None, **kw) -> dict:
+    """``train`` of a fresh tiny model (the same weights on every rank) on the pairs written
+    by ``evaluate.write_demo_data`` in ``data_dir`` (one of them unreadable)."""
+    from tvr_models.evaluate import demo_tokenizer
+    from tvr_models.train import pairs_from_annotations, train
+    from tvr_models.ts2net import TINY_CLIP
+    model = make_model(model_name)
+    dataset = pairs_from_annotations(os.path.join(data_dir, "ann.csv"), data_dir,
+                                     demo_tokenizer(TINY_CLIP["vocab_size"]), FRAMES, 32)
+    return train(model, dataset, batch_size=kw.pop("batch_size", 1), epochs=2, max_steps=max_steps,
+                 lr=1e-3, clip_lr=1e-4, out_dir=out_dir, resume=resume, progress=False, **kw)
+
+
+def resumed_training(rank: int, data_dir: str, model_name: str, out_dir: str) -> None:
+    """4 steps uninterrupted vs 3 steps, a checkpoint and the 4th resumed (mid-epoch)."""
+    import warnings
+    warnings.simplefilter("ignore", RuntimeWarning)
+    whole = train_run(data_dir, model_name, max_steps=4, accum=2)
+    first = train_run(data_dir, model_name, out_dir=out_dir, max_steps=3, accum=2)
+    rest = train_run(data_dir, model_name, resume=first["checkpoint"], max_steps=4, accum=2)
+    torch.save({"whole": whole, "first": first, "rest": rest}, os.path.join(out_dir, f"train{rank}.pt"))

@@ -203,6 +203,12 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def barrier() -> None:
+    """Wait for every rank (nothing in one process)."""
+    if world_size() > 1:
+        dist.barrier()
+
+
 def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     """True on every rank when ``flag`` is true on any rank (one small all-reduce)."""
     if world_size() == 1:

@@ -159,9 +159,10 @@ def run(model, tokenizer, annotations_path: str, video_dir: str, num_frames: int
     ann = read_annotations(annotations_path)
     sharded = D.world_size() > 1
     if sharded:
-        from .sharded import evaluate_sharded, load_gallery_shard
+        from .sharded import evaluate_sharded, gallery_unit, load_gallery_shard
         loaded, offset = load_gallery_shard(video_dir, ann.video_ids, num_frames, image_size,
-                                            video_batch, progress=progress and D.is_main())
+                                            gallery_unit(video_batch, chunk_size),
+                                            progress=progress and D.is_main())
     else:
         loaded = load_videos(video_dir, ann.video_ids, num_frames, image_size, progress=progress)
     if not loaded.kept:

@@ -4,10 +4,11 @@ Each rank holds a contiguous shard of the video gallery and computes its columns
 similarity matrix; the texts (and UCoFiA's text bank) are encoded in shards too and
 all-gathered, since every rank scores every text. The result is **identical to one process**:
 
-* shards are whole encoding batches (``video_batch`` videos, ``text_batch`` texts), so every
-  batch an encoder sees is the one it sees in one process (same rows, same shapes, hence the
-  same features to the last bit; the token selection's noise is keyed by the position in
-  the batch);
+* shards are whole encoding batches (``text_batch`` texts; for the gallery, whole units of
+  ``lcm(video_batch, chunk_size)`` videos: :func:`gallery_shard`), so every batch an encoder
+  sees and every block scored is the one of one process (same rows, same shapes, hence the
+  same numbers to the last bit; matrix products of other shapes may round differently, and
+  the token selection's noise is keyed by the position in the batch);
 * each scoring block is passed its *global* offset, so T-MASS's per-pair noise and pooling
   tiles are those of one process (:func:`tvr_models.evaluate.score_matrix`);
 * UCoFiA's Sinkhorn column bias needs the whole bank-by-gallery matrix: the bank's scores
@@ -29,6 +30,7 @@ does batch to batch in one process).
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -43,6 +45,17 @@ def batch_shard(n: int, batch: int) -> tuple[int, int]:
     """This rank's ``[start, stop)`` of ``n`` items split into whole batches of ``batch``."""
     a, b = D.shard_range(-(-n // batch))
     return min(n, a * batch), min(n, b * batch)
+
+
+def gallery_unit(video_batch: int, chunk_size: int) -> int:
+    """Videos per indivisible unit of a gallery shard: whole encoding batches and whole
+    scoring blocks."""
+    return math.lcm(video_batch, chunk_size)
+
+
+def gallery_shard(n: int, video_batch: int = 16, chunk_size: int = 128) -> tuple[int, int]:
+    """This rank's ``[start, stop)`` of a gallery of ``n`` videos (:func:`gallery_unit`)."""
+    return batch_shard(n, gallery_unit(video_batch, chunk_size))
 
 
 def _encode_shard(encode, inputs: tuple[Tensor, Tensor], start: int, stop: int, batch: int,
@@ -175,7 +188,8 @@ def evaluate_sharded(model, input_ids: Tensor, attention_mask: Tensor, video: Te
 
     Every rank passes all texts (``input_ids`` [Nt, L]) and its shard of videos ``video``
     [Nv_r, T, 3, H, W] (global indices from ``video_offset``; shards from
-    :func:`batch_shard` with ``video_batch`` make the result identical to one process).
+    :func:`gallery_shard` with the same ``video_batch`` and ``chunk_size`` make the result
+    identical to one process's with them).
     Returns on every rank ``{"metrics", "seconds"}``, and on rank 0 ``"sim"`` [Nt, Nv]
     (``topk=None``) or ``"topk": (scores [Nt, k], video indices [Nt, k])``."""
     model.eval()
@@ -194,23 +208,23 @@ def evaluate_sharded(model, input_ids: Tensor, attention_mask: Tensor, video: Te
 
 
 def load_gallery_shard(video_dir: str, video_ids: list[str], num_frames: int, size: int,
-                       batch: int, progress: bool = False):
+                       unit: int, progress: bool = False):
     """This rank's shard of a gallery on disk: ``(LoadedVideos, video_offset)`` with the
     videos of :func:`batch_shard` over the *usable* videos, ``kept`` and ``skipped`` those of
     the whole gallery (every rank's reports, so rank 0 can list them).
 
     Each rank first decodes its part of the requested ids (an unusable video is reported by
     the rank that meets it, with a warning, and skipped); the usable ones are then re-split
-    into whole batches, so a rank decodes again only the few videos a skipped one moved
+    into whole units of ``unit`` videos (:func:`gallery_unit`), so a rank decodes again only the few videos a skipped one moved
     across a shard boundary."""
     from .video import LoadedVideos, load_videos
-    a, b = batch_shard(len(video_ids), batch)
+    a, b = batch_shard(len(video_ids), unit)
     first = load_videos(video_dir, video_ids[a:b], num_frames, size, progress=progress)
     held = {a + k: i for i, k in enumerate(first.kept)}
     reports = D.all_gather_object(([a + k for k in first.kept], first.skipped))
     kept = sorted(i for ks, _ in reports for i in ks)
     skipped = {vid: why for _, sk in reports for vid, why in sk.items()}
-    ca, cb = batch_shard(len(kept), batch)
+    ca, cb = batch_shard(len(kept), unit)
     want = kept[ca:cb]
     moved = [g for g in want if g not in held]
     extra = load_videos(video_dir, [video_ids[g] for g in moved], num_frames, size)

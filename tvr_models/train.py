@@ -154,14 +154,14 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(path: str, model, optimizer, scheduler, step: int, config: dict) -> None:
     """Every rank calls it (its RNG state is gathered); rank 0 writes ``path`` atomically."""
     states = D.all_gather_object(rng_state())
-    if not D.is_main():
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "rng": states,
-                "world_size": D.world_size(), "config": config}, tmp)
-    os.replace(tmp, path)
+    if D.is_main():
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp"
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "step": step, "rng": states,
+                    "world_size": D.world_size(), "config": config}, tmp)
+        os.replace(tmp, path)
+    D.barrier()                       # no rank goes on (and reads it) before it is written
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -215,7 +215,9 @@ def train(model, dataset: Dataset, *, batch_size: int, epochs: int = 1, max_step
         epoch, done = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch)
         loader = DataLoader(dataset, batch_size=batch_size, sampler=_From(sampler, done * accum * batch_size),
-                            collate_fn=collate, num_workers=num_workers, drop_last=True)
+                            collate_fn=collate, num_workers=num_workers, drop_last=True,
+                            # its own generator: the loader never draws from the global one
+                            generator=torch.Generator().manual_seed(D.derive_seed(seed, "loader", epoch)))
         micro = iter(loader)
         for _ in range(done, steps_per_epoch):
             total_loss, pending = 0.0, None
