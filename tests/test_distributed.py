@@ -24,14 +24,8 @@ from tvr_models import train as T
 MODELS = ["ts2net", "ucofia", "tmass", "tokenbinder"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny sizes: one thread is faster than two on a busy 2-core machine, and forked ranks
-    # must not inherit a used OpenMP pool
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# tiny sizes (one thread is faster on busy cores); forked ranks set one thread themselves
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def test_gathered_loss_grads_and_ddp_step_equal_one_process(tmp_path):

@@ -82,6 +82,12 @@ def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> torc
     return device
 
 
+def shutdown() -> None:
+    """Tear down the process group :func:`init_from_env` started (nothing without one)."""
+    if is_initialized():
+        dist.destroy_process_group()
+
+
 def shard_range(n: int, world: int | None = None, r: int | None = None) -> tuple[int, int]:
     """Contiguous ``[start, stop)`` of ``n`` items held by rank ``r`` of ``world``: the first
     ``n % world`` ranks hold one more (rank order = global order)."""

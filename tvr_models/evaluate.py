@@ -357,6 +357,7 @@ def main(argv=None) -> int:
         print(report_text(out))
         if args.save_sim:
             torch.save(out["topk"] if args.topk else out["sim"].cpu(), args.save_sim)
+    D.shutdown()
     return 0
 
 

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from . import distributed as D
 from . import metrics as M
-from .evaluate import _batched, score_matrix
+from .evaluate import _batched, _device, score_matrix
 
 
 def batch_shard(n: int, batch: int) -> tuple[int, int]:
@@ -64,7 +64,8 @@ def _encode_shard(encode, inputs: tuple[Tensor, Tensor], start: int, stop: int, 
     shapes (from one dummy row) so that the gathers see the same keys on every rank."""
     if stop > start:
         return _batched(encode, tuple(x[start:stop] for x in inputs), batch, desc, progress)
-    dummy = tuple(torch.ones(1, *x.shape[1:], dtype=x.dtype, device=x.device) for x in inputs)
+    dummy = tuple(torch.ones(1, *x.shape[1:], dtype=x.dtype, device=_device(encode) or x.device)
+                  for x in inputs)
     return {k: v[:0] for k, v in encode(*dummy).items()}
 
 
@@ -149,7 +150,7 @@ def shard_metrics(sim: Tensor, text_to_video: Tensor | None, video_offset: int, 
     """:func:`tvr_models.metrics.retrieval_metrics` of the whole matrix from this rank's
     columns ``sim`` [Nt, Nv_r] (every rank calls it; every rank gets the result)."""
     nt, nvr = sim.shape
-    if torch.isnan(sim).any():
+    if D.any_rank(bool(torch.isnan(sim).any()), sim.device):     # every rank raises, none waits
         raise ValueError("sim contains NaN: the similarity matrix is broken (refusing to rank)")
     t2v = torch.arange(nt) if text_to_video is None else torch.as_tensor(text_to_video).long()
     t2v = t2v.to(sim.device)

@@ -264,7 +264,7 @@ class TokenBinder(RetrievalModel):
         nt, nv = text_feats["broad"].shape[0], video_feats["video"].shape[0]
         _check_shape("sim", sim, (nt, nv), f"[Nt, Nv] = [{nt}, {nv}]")
         from tqdm.auto import tqdm
-        total = nv if video_offset is None else int(sharded.D.all_reduce_sum(torch.tensor([nv])).item())
+        total = nv if video_offset is None else int(sharded.D.all_reduce_sum(torch.tensor([nv], device=sim.device)).item())
         k = min(self.num_candidates, total)
         ls = scale(self.clip.logit_scale)
         starts = range(0, nt, chunk_size)

@@ -326,8 +326,7 @@ def main(argv=None) -> int:
             print("\n".join(f"  {vid}: {why}" for vid, why in out["skipped"].items()))
         if out["checkpoint"]:
             print(f"checkpoint: {out['checkpoint']}")
-    if D.is_initialized():
-        D.dist.destroy_process_group()
+    D.shutdown()
     return 0
 
 
