@@ -92,6 +92,8 @@ def test_a_rank_with_an_unreadable_video_reports_it_and_the_run_completes(tmp_pa
 
 
 def test_resumed_training_continues_with_the_same_losses_on_two_ranks(tmp_path):
+    # one pair per rank and micro-batch: the micro-batch holding the unreadable video is
+    # empty on its rank, and every rank skips it (none waits in a collective)
     data = tmp_path / "data"
     data.mkdir()
     E.write_demo_data(str(data), num_videos=8, num_frames=W.FRAMES)
@@ -117,6 +119,17 @@ def test_one_process_resume_and_accumulation(tmp_path):
     assert first["losses"] == whole["losses"][:3] and rest["losses"] == whole["losses"][3:]
     ck = torch.load(first["checkpoint"], weights_only=False)
     assert ck["step"] == 3 and set(ck) >= {"model", "optimizer", "scheduler", "rng"}
+
+
+def test_bf16_autocast_step_on_cpu(tmp_path):
+    E.write_demo_data(str(tmp_path), num_videos=4, num_frames=W.FRAMES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        fp32 = W.train_run(str(tmp_path), "ucofia", max_steps=1, batch_size=4)
+        bf16 = W.train_run(str(tmp_path), "ucofia", max_steps=1, batch_size=4, amp=True)
+    # same data and seeds: the bf16 loss is the fp32 one to bf16's precision
+    assert bf16["losses"][0] != fp32["losses"][0]
+    assert bf16["losses"][0] == pytest.approx(fp32["losses"][0], rel=0.05)
 
 
 @pytest.mark.parametrize("name", ["ts2net", "tokenbinder"])
