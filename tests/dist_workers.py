@@ -29,22 +29,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, fn, world: int, port: int, args: tuple) -> None:
+def _entry(rank: int, fn, world: int, port: int, init: bool, args: tuple) -> None:
     torch.set_num_threads(1)
+    # what torchrun sets
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    # a collective waiting on a dead rank raises after this long instead of hanging
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
+    if init:
+        # a collective waiting on a dead rank raises after this long instead of hanging
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
     try:
         fn(rank, *args)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def run_ranks(fn, *args, world: int = 2, timeout: float = 60.0) -> None:
-    """``fn(rank, *args)`` on ``world`` forked processes; raises on a rank's error or timeout."""
+def run_ranks(fn, *args, world: int = 2, timeout: float = 60.0, init: bool = True) -> None:
+    """``fn(rank, *args)`` on ``world`` forked processes; raises on a rank's error or timeout.
+    ``init=False``: no process group, only torchrun's environment (the CLIs start their own)."""
     make_model("tmass")          # transformers' lazy imports, once here rather than in each rank
-    ctx = mp.start_processes(_entry, args=(fn, world, free_port(), args), nprocs=world,
+    ctx = mp.start_processes(_entry, args=(fn, world, free_port(), init, args), nprocs=world,
                              join=False, start_method="fork")
     deadline = time.monotonic() + timeout
     try:
@@ -210,3 +214,16 @@ def resumed_training(rank: int, data_dir: str, model_name: str, out_dir: str) ->
     rest = train_run(data_dir, model_name, resume=first["checkpoint"], max_steps=4, accum=2)
     runs = {"whole": whole, "first": first, "rest": rest}
     torch.save({k: {**v, "model": None} for k, v in runs.items()}, os.path.join(out_dir, f"train{rank}.pt"))
+
+
+def clis(rank: int, out_dir: str) -> None:
+    """Both CLIs as ``torchrun`` starts them (process group from the environment)."""
+    import warnings
+
+    from tvr_models import evaluate as E
+    from tvr_models import train as T
+    warnings.simplefilter("ignore", RuntimeWarning)
+    assert E.main(["--demo", "--model", "ucofia", "--batch-size", "2", "--chunk-size", "2",
+                   "--save-sim", os.path.join(out_dir, "sim.pt")]) == 0
+    assert T.main(["--demo", "--model", "tmass", "--max-steps", "2", "--batch-size", "2",
+                   "--no-progress", "--out", out_dir]) == 0

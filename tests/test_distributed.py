@@ -108,6 +108,16 @@ def test_resumed_training_continues_with_the_same_losses_on_two_ranks(tmp_path):
     assert runs[0]["whole"]["losses"] == runs[1]["whole"]["losses"]    # one global loss
 
 
+def test_clis_under_torchrun_environment(tmp_path, capfd):
+    W.run_ranks(W.clis, str(tmp_path), init=False, timeout=120)
+    out = capfd.readouterr().out                     # the ranks' prints (rank 0 only)
+    assert out.count("tmass: 2 steps on 2 rank(s), global batch 4") == 1     # rank 0 reports
+    assert out.count("texts 8  videos 8") == 1 and os.path.exists(tmp_path / "step2.pt")
+    E.main(["--demo", "--model", "ucofia", "--batch-size", "2", "--chunk-size", "2",
+            "--save-sim", str(tmp_path / "one.pt")])
+    assert torch.equal(torch.load(tmp_path / "sim.pt"), torch.load(tmp_path / "one.pt"))
+
+
 # ------------------------------------------------------------------------------ one process
 def test_one_process_resume_and_accumulation(tmp_path):
     E.write_demo_data(str(tmp_path), num_videos=8, num_frames=W.FRAMES)
