@@ -216,8 +216,9 @@ def resumed_training(rank: int, data_dir: str, model_name: str, out_dir: str) ->
     torch.save({k: {**v, "model": None} for k, v in runs.items()}, os.path.join(out_dir, f"train{rank}.pt"))
 
 
-def clis(rank: int, out_dir: str) -> None:
-    """Both CLIs as ``torchrun`` starts them (process group from the environment)."""
+def clis(rank: int, out_dir: str, second_port: int) -> None:
+    """Both CLIs as ``torchrun`` starts them (process group from the environment), one after
+    the other: the second on a fresh port (the first group's store may still hold its own)."""
     import warnings
 
     from tvr_models import evaluate as E
@@ -225,5 +226,6 @@ def clis(rank: int, out_dir: str) -> None:
     warnings.simplefilter("ignore", RuntimeWarning)
     assert E.main(["--demo", "--model", "ucofia", "--batch-size", "2", "--chunk-size", "2",
                    "--save-sim", os.path.join(out_dir, "sim.pt")]) == 0
+    os.environ["MASTER_PORT"] = str(second_port)
     assert T.main(["--demo", "--model", "tmass", "--max-steps", "2", "--batch-size", "2",
                    "--no-progress", "--out", out_dir]) == 0

@@ -109,7 +109,7 @@ def test_resumed_training_continues_with_the_same_losses_on_two_ranks(tmp_path):
 
 
 def test_clis_under_torchrun_environment(tmp_path, capfd):
-    W.run_ranks(W.clis, str(tmp_path), init=False, timeout=120)
+    W.run_ranks(W.clis, str(tmp_path), W.free_port(), init=False, timeout=120)
     out = capfd.readouterr().out                     # the ranks' prints (rank 0 only)
     assert out.count("tmass: 2 steps on 2 rank(s), global batch 4") == 1     # rank 0 reports
     assert out.count("texts 8  videos 8") == 1 and os.path.exists(tmp_path / "step2.pt")

@@ -135,7 +135,8 @@ def score_shard(model, text_feats: dict, video_feats: dict, video_offset: int,
     if bank_feats is not None and hasattr(model, "column_bias"):
         bank = score_matrix(model, bank_feats, video_feats, chunk_size, progress, video_offset)
         full = D.gather_to_main(bank, dim=2)                              # [G, Nb, Nv] on rank 0
-        bias = model.column_bias(full) if D.is_main() else None
+        # in the bank's dtype (finalize casts it to that of the scores anyway), as the others expect
+        bias = model.column_bias(full).to(bank.dtype) if D.is_main() else None
         nv = int(D.all_reduce_sum(torch.tensor([bank.shape[2]], device=bank.device)).item())
         bias = D.broadcast_from_main(bias, (bank.shape[0], nv), bank.dtype, bank.device)
         column_bias = bias[:, video_offset:video_offset + bank.shape[2]]
