@@ -78,3 +78,13 @@ def nan_poison(monkeypatch):
     monkeypatch.setattr(torch, "empty", empty)
     monkeypatch.setattr(torch, "empty_like", empty_like)
     yield
+
+
+@pytest.fixture
+def one_intra_op_thread():
+    """One intra-op thread for the test: at tiny sizes more threads only add synchronisation,
+    and on busy cores each parallel region waits for a descheduled thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -177,8 +177,17 @@ class RetrievalModel(nn.Module):
       ``score_chunk(..., offset)`` is what the evaluation calls (``offset``: the chunk's place);
     * ``prepare_scoring(text_feats, video_feats, text_to_video)`` runs once before scoring;
     * ``finalize(sims [G, Nt, Nv], bank_sims [G, Nb, Nv] | None) -> [Nt, Nv]``;
-    * ``forward(...)`` -> training loss (symmetric cross-entropy of ``training_logits``).
+    * ``loss(text_feats, video_feats)`` -> training loss of a batch of matching pairs
+      (default: symmetric cross-entropy of ``training_logits``);
+    * ``forward(...)`` -> ``loss`` of the encoded batch, gathered over the ranks when
+      ``torch.distributed`` is initialised (see :mod:`tvr_models.distributed`).
+
+    ``gather_across_ranks`` (default True): under ``torch.distributed`` the loss compares every
+    text with every video of the global batch, as the authors train; False keeps each rank's
+    loss to its own batch.
     """
+
+    gather_across_ranks = True
 
     granularities = 1
 
@@ -201,11 +210,25 @@ class RetrievalModel(nn.Module):
         ``legacy_leaky_scoring`` (the authors' evaluation, which leaks it) reads it."""
         return text_feats, video_feats
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, video: Tensor, video_mask: Tensor) -> Tensor:
-        """Training loss of a batch of matching pairs (text i describes video i)."""
-        logits = self.training_logits(self.encode_text(input_ids, attention_mask),
-                                      self.encode_video(video, video_mask))
-        return symmetric_cross_entropy(logits)
+    def loss(self, text_feats: dict, video_feats: dict) -> Tensor:
+        """Training loss of features of matching pairs (text i describes video i)."""
+        return symmetric_cross_entropy(self.training_logits(text_feats, video_feats))
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, video: Tensor, video_mask: Tensor,
+                loss_seed: int | None = None) -> Tensor:
+        """Training loss of a batch of matching pairs (text i describes video i).
+
+        Under ``torch.distributed`` (and ``gather_across_ranks``) the features of every rank's
+        pairs are gathered with gradients first, so the loss is that of the global batch
+        (:func:`tvr_models.distributed.gather_pairs`). ``loss_seed``: the loss runs under
+        torch's generators seeded with it (:func:`tvr_models.distributed.shared_rng`; the
+        same on every rank, so every rank draws the loss's noise alike); None: unchanged."""
+        from . import distributed
+        feats = self.encode_text(input_ids, attention_mask), self.encode_video(video, video_mask)
+        if self.gather_across_ranks:
+            feats = distributed.gather_pairs(*feats)
+        with distributed.shared_rng(loss_seed, input_ids.device):
+            return self.loss(*feats)
 
     def set_selection(self, *, hard: bool | None = None, seed: int | None = None) -> None:
         """Token selection mode: ``hard`` top-k (deterministic) or perturbed with ``seed``."""

@@ -54,17 +54,24 @@ def v2t_ranks(sim: Tensor, text_to_video: Tensor | None = None) -> Tensor:
 
     A video with no caption has no rank: ValueError."""
     t2v = _check(sim, text_to_video)
-    nt, nv = sim.shape
-    # rank of text i within column t2v[i]: 1 + #{t : sim[t, v] > sim[i, v]}
-    cols = sim[:, t2v]                                      # [Nt(t), Nt(i)] column of i's video
-    own = sim[torch.arange(nt, device=sim.device), t2v]     # [Nt]
-    r = 1 + (cols > own[None, :]).sum(0)                    # [Nt]
-    best = torch.full((nv,), torch.iinfo(torch.long).max, dtype=torch.long, device=sim.device)
-    best = best.scatter_reduce(0, t2v, r, reduce="amin")
+    best = best_caption_ranks(sim, torch.arange(sim.shape[0], device=sim.device), t2v)
     if (best == torch.iinfo(torch.long).max).any():
         missing = (best == torch.iinfo(torch.long).max).nonzero().flatten()[:5].tolist()
         raise ValueError(f"videos without any caption (first few indices): {missing}")
     return best
+
+
+def best_caption_ranks(sim: Tensor, captions: Tensor, columns: Tensor) -> Tensor:
+    """For each column of ``sim`` [Nt, Nv], the best rank among its captions: caption
+    ``captions[i]`` (a row) describes column ``columns[i]``; its rank is ``1 + #{t : sim[t, c] >
+    sim[captions[i], c]}`` over all rows. Returns int64 [Nv], int64 max where a column has no
+    caption. (A sharded evaluation calls it with its own columns.)"""
+    # rank of caption i within its column: 1 + #{t : sim[t, v] > sim[i, v]}
+    cols = sim[:, columns]                                  # [Nt(t), K(i)] column of i's video
+    own = sim[captions, columns]                            # [K]
+    r = 1 + (cols > own[None, :]).sum(0)                    # [K]
+    best = torch.full((sim.shape[1],), torch.iinfo(torch.long).max, dtype=torch.long, device=sim.device)
+    return best.scatter_reduce(0, columns, r, reduce="amin")
 
 
 def summarize(ranks: Tensor, recalls=RECALLS) -> dict[str, float]:

@@ -331,10 +331,10 @@ class TMASS(RetrievalModel):
         _, pooled, stochastic, _ = self._training_terms(text_feats, video_feats, noise)
         return scale(self.clip.logit_scale) * _cos(stochastic[:, None, :], pooled)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, video: Tensor, video_mask: Tensor) -> Tensor:
-        """Training loss ``loss + alpha * support`` of a batch of matching pairs."""
-        return self.training_losses(self.encode_text(input_ids, attention_mask),
-                                    self.encode_video(video, video_mask))["total"]
+    def loss(self, text_feats: dict, video_feats: dict) -> Tensor:
+        """Training loss ``loss + alpha * support`` of a batch of matching pairs (``forward``
+        encodes, gathers over ranks and calls this)."""
+        return self.training_losses(text_feats, video_feats)["total"]
 
     # ------------------------------------------------------------------ evaluation
     def set_selection(self, *, hard: bool | None = None, seed: int | None = None) -> None:

@@ -246,27 +246,40 @@ class TokenBinder(RetrievalModel):
 
     @torch.no_grad()
     def rerank(self, sim: Tensor, text_feats: dict, video_feats: dict, chunk_size: int = 128,
-               progress: bool = False) -> Tensor:
+               progress: bool = False, video_offset: int | None = None) -> Tensor:
         """Stage 2 over a gallery: each row of the broad matrix ``sim`` [Nt, Nv] (from
         :meth:`score`) gets ``exp(logit_scale) * Delta_k`` added at its top-K videos, in place.
 
         ``chunk_size`` texts at a time: peak memory is one chunk's ``[chunk, K, T, D]``
         candidate frames and the block's activations; the cost is ``Nt * K`` candidate
-        fusions whatever ``Nv``."""
+        fusions whatever ``Nv``.
+
+        ``video_offset``: a sharded evaluation (:mod:`tvr_models.sharded`; every rank calls
+        this): ``sim`` and ``video_feats`` hold this rank's videos, the gallery's from
+        ``video_offset`` on. The candidates are then chosen over the whole gallery and each
+        rank adds the deltas that fall in its columns (as one process would)."""
+        from . import sharded
         self._check_text(text_feats)
         self._check_video(video_feats)
         nt, nv = text_feats["broad"].shape[0], video_feats["video"].shape[0]
         _check_shape("sim", sim, (nt, nv), f"[Nt, Nv] = [{nt}, {nv}]")
         from tqdm.auto import tqdm
-        k = min(self.num_candidates, nv)
+        total = nv if video_offset is None else int(sharded.D.all_reduce_sum(torch.tensor([nv], device=sim.device)).item())
+        k = min(self.num_candidates, total)
         ls = scale(self.clip.logit_scale)
         starts = range(0, nt, chunk_size)
         for i in tqdm(starts, desc="focused view", disable=not progress or len(starts) < 4):
             rows = sim[i:i + chunk_size]                                        # a view: updated in place
-            idx = self.select_candidates(rows, k)                               # [c, k]
-            delta = self.focused(text_feats["queries"][i:i + chunk_size], video_feats["frames"][idx],
-                                 video_feats["mask"][idx])
-            rows.scatter_add_(1, idx, (ls * delta).to(sim.dtype))
+            queries = text_feats["queries"][i:i + chunk_size]
+            if video_offset is None:
+                idx = self.select_candidates(rows, k)                           # [c, k]
+                delta = self.focused(queries, video_feats["frames"][idx], video_feats["mask"][idx])
+                rows.scatter_add_(1, idx, (ls * delta).to(sim.dtype))
+                continue
+            idx = sharded.global_candidates(rows, k, video_offset)
+            delta = self.focused(queries, sharded.take_rows(video_feats["frames"], idx, video_offset),
+                                 sharded.take_rows(video_feats["mask"], idx, video_offset))
+            sharded.add_at_columns(rows, idx, (ls * delta).to(sim.dtype), video_offset)
         return sim
 
     # ------------------------------------------------------------------ training
@@ -317,13 +330,18 @@ class TokenBinder(RetrievalModel):
         lb, lf = symmetric_cross_entropy(ls * broad), symmetric_cross_entropy(ls * final)
         return {"broad": lb, "focus": lf, "loss": lb + lf}
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, video: Tensor, video_mask: Tensor) -> Tensor:
-        """Training loss of a batch of matching pairs (text i describes video i)."""
+    def loss(self, text_feats: dict, video_feats: dict) -> Tensor:
+        """``losses(...)["loss"]``."""
+        return self.losses(text_feats, video_feats)["loss"]
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, video: Tensor, video_mask: Tensor,
+                loss_seed: int | None = None) -> Tensor:
+        """Training loss of a batch of matching pairs (text i describes video i); gathered
+        over ranks under ``torch.distributed`` (:meth:`RetrievalModel.forward`)."""
         if input_ids.shape[0] != video.shape[0]:
             raise ValueError(f"training pairs: input_ids has {input_ids.shape[0]} captions but video "
                              f"{video.shape[0]} videos (caption i must describe video i)")
-        return self.losses(self.encode_text(input_ids, attention_mask),
-                           self.encode_video(video, video_mask))["loss"]
+        return super().forward(input_ids, attention_mask, video, video_mask, loss_seed)
 
     # ------------------------------------------------------------------ weights
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):

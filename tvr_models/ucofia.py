@@ -98,14 +98,22 @@ class UCoFiA(RetrievalModel):
                                self.word_mat_weight2, self.pixel_mat_weight2, self.tau)
         return torch.stack([vs, sf, pw])
 
-    def finalize(self, sims: Tensor, bank_sims: Tensor | None = None) -> Tensor:
-        """Mean over granularities of ``sims[g] + col_bias(bank_sims[g])`` (no bias without a bank)."""
-        if bank_sims is None:
+    def column_bias(self, bank_sims: Tensor) -> Tensor:
+        """Sinkhorn column bias [G, Nv] of each granularity's bank scores [G, Nb, Nv]."""
+        return torch.stack([_ops.op("sinkhorn_knopp")(b, self.sinkhorn_iters)[1] for b in bank_sims])
+
+    def finalize(self, sims: Tensor, bank_sims: Tensor | None = None,
+                 column_bias: Tensor | None = None) -> Tensor:
+        """Mean over granularities of ``sims[g] + column_bias[g]`` (no bias without a bank).
+        ``column_bias`` [G, Nv]: precomputed (a sharded evaluation passes its columns'
+        part), else :meth:`column_bias` of ``bank_sims``."""
+        if column_bias is None and bank_sims is not None:
+            column_bias = self.column_bias(bank_sims)
+        if column_bias is None:
             return sims.mean(0)
         out = torch.zeros_like(sims[0])
         for g in range(sims.shape[0]):
-            _, col = _ops.op("sinkhorn_knopp")(bank_sims[g], self.sinkhorn_iters)
-            out += sims[g] + col[None, :].to(sims.dtype)
+            out += sims[g] + column_bias[g][None, :].to(sims.dtype)
         return out / sims.shape[0]
 
 
