@@ -211,7 +211,7 @@ def make_step(case: Case, mode: str, provider: str, device: str) -> tuple[Callab
     return step, inputs
 
 
-def measure(case: Case, mode: str, provider: str, device: str, min_time: float = 1.0,
+def measure(case: Case, mode: str, provider: str, device: str, min_time: float = 0.5,
             max_reps: int = 50, min_reps: int = 5) -> dict:
     """Median / p20 / p80 time in ms, peak extra memory in MiB and thread count of one
     provider (``bytes``: the case's traffic in this mode, when it declares one)."""
@@ -219,9 +219,15 @@ def measure(case: Case, mode: str, provider: str, device: str, min_time: float =
         # Before anything starts the intra-op threads, which inherit the flag from this one.
         torch.set_flush_denormal(True)
     step, inputs = make_step(case, mode, provider, device)
-    for _ in range(max(case.warmup, 1 if provider == "compile" else 0)):  # warm-up, compilation
+    # Warm-up (compilation, caches, the allocator). A call longer than ``min_time`` is warm
+    # after one (after compiling and one run, for torch.compile): more would only cost minutes.
+    first = 1 if provider == "compile" else 0
+    t0 = time.perf_counter()
+    for i in range(max(case.warmup, first)):
         step()
-    _sync(device)
+        _sync(device)
+        if i >= first and time.perf_counter() - t0 > min_time:
+            break
     min_reps = min(min_reps, case.min_reps)
     if device == "cuda":
         out = _cuda_times(step, min_time)
@@ -260,7 +266,12 @@ def _cpu_times(step, warm: bool, min_time: float, min_reps: int, max_reps: int) 
         t_end = time.perf_counter() + min_time
     else:
         times.append(first_ms)
-    while len(times) < min_reps or (time.perf_counter() < t_end and len(times) < max_reps):
+    while len(times) < max_reps:
+        if time.perf_counter() >= t_end and (
+                len(times) >= min_reps
+                # calls of seconds: three give the median, and five would cost minutes
+                or (len(times) >= min(3, min_reps) and sum(times) > 2e3 * min_time)):
+            break
         t0 = time.perf_counter()
         step()
         times.append((time.perf_counter() - t0) * 1e3)

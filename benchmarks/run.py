@@ -2,7 +2,7 @@
 
     python -m benchmarks [--shapes paper|small|large] [--ops isa,bi_isa] [--backends cpp,reference]
                          [--modes fwd] [--device cpu|cuda] [--quick] [--no-compile]
-                         [--min-time 1.0] [--csv PATH] [--list]
+                         [--min-time 0.5] [--csv PATH] [--list]
 
 Cases are declared in ``benchmarks/bench_<op>.py`` (``CASES``, see ``benchmarks.common.Case``).
 Shape sets: ``small`` (every op at a toy size, seconds), ``paper`` (default: every op and every
@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--quick", action="store_true", help="no torch.compile, few timed calls")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile of the references")
-    ap.add_argument("--min-time", type=float, default=1.0, help="seconds of timed calls per measurement")
+    ap.add_argument("--min-time", type=float, default=0.5, help="seconds of timed calls per measurement")
     ap.add_argument("--csv", default=str(records.RESULTS), help="CSV to append to ('' for none)")
     ap.add_argument("--list", action="store_true", help="print the plan and exit")
     ap.add_argument("--worker", nargs=4, metavar=("MODULE", "INDEX", "MODE", "PROVIDER"), help=argparse.SUPPRESS)
