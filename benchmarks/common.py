@@ -165,10 +165,13 @@ def _cpu_peak(step: Callable[[], Any]) -> tuple[float, float]:
 
 
 def _copy_step(case: Case, mode: str, inputs: dict, device: str) -> Callable[[], Any]:
-    """The ``copy`` baseline: one clone reading and writing ``traffic(mode)`` bytes in all."""
+    """The ``copy`` baseline: one copy reading and writing ``traffic(mode)`` bytes in all,
+    into a buffer allocated once (a fresh output past glibc's 32 MiB mmap threshold would
+    page-fault on every call, and the floor would measure the kernel's page faults)."""
     nbytes = case.traffic(inputs, mode)
-    buf = torch.empty(max(1, nbytes // 8), dtype=torch.float32, device=device).normal_()
-    return lambda: buf.clone()
+    src = torch.empty(max(1, nbytes // 8), dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
 
 
 def make_step(case: Case, mode: str, provider: str, device: str) -> tuple[Callable[[], Any], dict]:
