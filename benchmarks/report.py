@@ -46,9 +46,9 @@ def default_device(rows: list[dict]) -> str | None:
 def select(rows: list[dict], device: str) -> list[Group]:
     """Latest measured rows of the declared paper/large cases on ``device``, in suite order."""
     latest: dict[tuple, dict] = {}
-    for row in rows:
+    for i, row in enumerate(rows):
         if row["device"] == device and row["source"] in ("", "measured"):
-            latest[(row["op"], row["case"], row["mode"], row["provider"])] = row
+            latest[(row["op"], row["case"], row["mode"], row["provider"])] = dict(row, _index=i)
     groups = []
     for module in bench_modules():
         for case in load_cases(module):
@@ -98,20 +98,17 @@ def render(rows: list[dict], device: str | None = None) -> str:
     if not groups:
         return f"{BEGIN}\n\nNo benchmark records yet: run `make bench`.\n\n{END}"
     fused = [b for b in FUSED if any(b in g.rows for g in groups)]
-    newest = [r["commit"] for r in rows if r["device"] == device][-1]   # rows are appended in order
     head = ["op", "case", "mode", "reference", "ref., denormals flushed", "`torch.compile`",
             *[f"ours ({b})" for b in fused], "vs reference", "vs compile",
-            "peak MiB ref / ours", "GB/s ours (of copy)", "other baselines"]
-    lines = [BEGIN, "", conditions(groups, device) + " Times are medians; `*`: measured at an "
-             f"older commit than `{newest}` (the heavy references are rerun by "
-             "`make bench-full`); ratios are the reference's (or compile's) median over ours.", "",
-             "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+            "peak MiB ref / ours", "GB/s ours (of copy)", "other baselines", "commit"]
+    lines = [BEGIN, "", conditions(groups, device) + " Times are medians; ratios are the "
+             "reference's (or compile's) median over ours. `commit`: where the row was measured "
+             "(a second one: the heavy references' recorded run, which `make bench-full` redoes).",
+             "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for g in groups:
         def cell(p):
             row = g.rows.get(p)
-            if row is None:
-                return "-"
-            return _time(records.number(row, "median_ms")) + ("*" if row["commit"] != newest else "")
+            return "-" if row is None else _time(records.number(row, "median_ms"))
         ours_p = next((b for b in fused if b in g.rows), None)
         ours = g.median(ours_p) if ours_p else None
         ours_row = g.rows.get(ours_p) if ours_p else None
@@ -125,8 +122,14 @@ def render(rows: list[dict], device: str | None = None) -> str:
             *[cell(b) for b in fused], _ratio(g.median("reference"), ours),
             _ratio(g.median("compile"), ours),
             f"{_mib(g.rows.get('reference'))} / {_mib(ours_row)}", bw,
-            ", ".join(f"{p} {cell(p)}" for p in others) or "-"]) + " |")
+            ", ".join(f"{p} {cell(p)}" for p in others) or "-",
+            ", ".join(f"`{c}`" for c in dict.fromkeys(r["commit"] for r in _by_recency(g)))]) + " |")
     return "\n".join(lines + ["", END])
+
+
+def _by_recency(g: Group) -> list[dict]:
+    """The group's rows, newest first (rows are appended to the CSV in time order)."""
+    return sorted(g.rows.values(), key=lambda r: r["_index"], reverse=True)
 
 
 def replace_block(text: str, block: str) -> str:

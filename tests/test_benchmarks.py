@@ -118,7 +118,8 @@ def test_report_of_rows_and_conditions(tmp_path):
     line = [ln for ln in text.splitlines() if ln.startswith(f"| {case.op} | {case.name} | fwd |")]
     assert len(line) == 1
     cells = [c.strip() for c in line[0].strip("|").split("|")]
-    assert cells[3:9] == ["100 ms*", "-", "40 ms", "4 ms", "25x", "10x"]
+    assert cells[3:9] == ["100 ms", "-", "40 ms", "4 ms", "25x", "10x"]
+    assert cells[-1] == "`new0002`, `old0001`"   # newest first: ours, then the recorded reference
     assert "cpu X" in text and "2 threads" in text and "torch 2.13.0" in text and "`old0001`" in text
     assert report.render([], None).count("No benchmark records") == 1
 
