@@ -70,7 +70,8 @@ def draw(rows: list[dict], device: str, out_dir: pathlib.Path) -> list[pathlib.P
 
     for name, providers, value, ylabel, ref_line in (
             ("speedup", SPEEDUP_PROVIDERS, speedup, "speedup over the eager reference (x)", 1.0),
-            ("memory", MEMORY_PROVIDERS, memory, f"peak memory above the inputs (MiB; < {MEMORY_FLOOR_MIB} drawn at it)", None)):
+            ("memory", MEMORY_PROVIDERS, memory,
+             f"peak memory above the inputs (MiB; < {MEMORY_FLOOR_MIB} drawn at it)", None)):
         fig, ax = plt.subplots(figsize=(max(10, 0.55 * len(groups)), 6.5))
         _bars(ax, groups, providers, value, ylabel)
         if ref_line:
