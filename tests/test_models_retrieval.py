@@ -22,16 +22,25 @@ def _texts(n, seed=0):
 _videos = videos
 
 
-@pytest.mark.parametrize("name", ["ts2net", "ucofia"])
-def test_forward_loss_backward(name):
-    model = MAKERS[name](num_frames=T)
-    model.set_selection(seed=3)
+def loss_reaches(model, must_have_grad):
+    """The training loss of 3 pairs (one short video) is a finite scalar whose backward gives
+    each named parameter a finite, non-zero gradient. Returns the batch (ids, mask, video, vmask)."""
     ids, mask = _texts(3)
     video, vmask = _videos(3, short=(1,))
     loss = model(ids, mask, video, vmask)
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
     named = dict(model.named_parameters())
+    for n in must_have_grad:
+        g = named[n].grad
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, n
+    return ids, mask, video, vmask
+
+
+@pytest.mark.parametrize("name", ["ts2net", "ucofia"])
+def test_forward_loss_backward(name):
+    model = MAKERS[name](num_frames=T)
+    model.set_selection(seed=3)
     must_have_grad = ["visual_token_selector.score_predictor.out_conv.0.weight",   # via top-k backward
                       "transformerClip.resblocks.0.attn.in_proj_weight",
                       "clip.clip.vision_model.encoder.layers.1.self_attn.q_proj.weight",
@@ -40,9 +49,7 @@ def test_forward_loss_backward(name):
     if name == "ucofia":
         must_have_grad += ["global_mat_weight", "frame_logit_weight", "word_mat_weight", "pixel_mat_weight2",
                            "local_mat_weight"]
-    for n in must_have_grad:
-        g = named[n].grad
-        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, n
+    ids, mask, video, vmask = loss_reaches(model, must_have_grad)
     # shapes of the evaluation path
     model.eval()
     with torch.no_grad():
