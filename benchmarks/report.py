@@ -31,7 +31,6 @@ class Group:
     op: str
     case: str
     mode: str
-    heavy: tuple[str, ...]
     rows: dict[str, dict]
 
     def median(self, provider: str) -> float | None:
@@ -58,7 +57,7 @@ def select(rows: list[dict], device: str) -> list[Group]:
                 got = {p: r for (op, c, m, p), r in latest.items()
                        if (op, c, m) == (case.op, case.name, mode)}
                 if got:
-                    groups.append(Group(case.op, case.name, mode, case.heavy, got))
+                    groups.append(Group(case.op, case.name, mode, got))
     return groups
 
 

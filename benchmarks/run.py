@@ -40,6 +40,10 @@ SHAPES = ("small", "paper", "large")
 QUICK = dict(min_time=0.1, max_reps=5, min_reps=2)
 
 
+def _measure_kwargs(quick: bool, min_time: float) -> dict:
+    return dict(QUICK) if quick else {"min_time": min_time}
+
+
 def bench_modules() -> list[str]:
     return sorted(p.stem for p in HERE.glob("bench_*.py"))
 
@@ -56,7 +60,7 @@ def in_shape_set(case, shapes: str) -> bool:
 def _worker(module: str, index: int, mode: str, provider: str, device: str, min_time: float,
             quick: bool) -> None:
     case = load_cases(module)[index]
-    kw = dict(QUICK) if quick else {"min_time": min_time}
+    kw = _measure_kwargs(quick, min_time)
     try:
         print("RESULT " + json.dumps(measure(case, mode, provider, device, **kw)))
     except SkipCase as e:
@@ -153,7 +157,7 @@ def _measure_forked(item: Item, min_time: float, quick: bool) -> tuple[dict | No
         try:
             import torch._inductor.config as inductor_config
             inductor_config.compile_threads = 1   # no compile-worker pool outliving the child
-            kw = dict(QUICK) if quick else {"min_time": min_time}
+            kw = _measure_kwargs(quick, min_time)
             payload = {"result": measure(item.case, item.mode, item.provider, "cpu", **kw)}
         except SkipCase as e:
             payload = {"skip": str(e)}

@@ -15,24 +15,17 @@ pytest.importorskip("pytest_benchmark")
 import torch  # noqa: E402
 
 from benchmarks.common import make_step  # noqa: E402
-from benchmarks.run import bench_modules, load_cases  # noqa: E402
+from benchmarks.run import bench_modules, load_cases, providers  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PROVIDERS = ("reference", "cpp", "triton", "cuda")
 CASES = [c for m in bench_modules() for c in load_cases(m) if "small" in c.shapes]
 
 
-def _runs_here(case, provider: str) -> bool:
-    from tvr_kernels import _backend
-
-    if provider == "reference":
-        return True
-    return (provider in case.backends and (provider == "cpp") == (DEVICE == "cpu")
-            and _backend._why_unavailable(provider) is None)
-
-
+# The suite's own provider list (what runs on this device), less compile and the baselines.
 PARAMS = [pytest.param(c, mode, p, id=f"{c.op}[{c.name}]-{mode}-{p}")
-          for c in CASES for mode in c.modes for p in PROVIDERS if _runs_here(c, p)]
+          for c in CASES for mode in c.modes
+          for p in providers(c, DEVICE, allow_compile=False) if p in PROVIDERS]
 
 
 @pytest.mark.parametrize("case,mode,provider", PARAMS)
